@@ -1,0 +1,466 @@
+"""Command line: ``ea4llm-pool train | coordinator | worker | status | eval | replay | hash``.
+
+    ea4llm-pool train                                   # embedded default, one machine
+    ea4llm-pool train --config configs/paper-1b.yaml --out runs/1b --device cuda:0
+    ea4llm-pool coordinator --config configs/default.yaml --out runs/lab --bind tcp://*:5555
+    ea4llm-pool worker --connect tcp://coordinator-host:5555 --device cuda:0 --dtype bf16
+    ea4llm-pool status --connect tcp://coordinator-host:5555
+    ea4llm-pool eval --checkpoint runs/default
+    ea4llm-pool replay --run runs/default --to 100
+    ea4llm-pool hash --checkpoint runs/default/checkpoints/step-000100
+
+Bad input of any kind ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import UserError, __version__
+
+EXIT_USER = 2
+
+
+def _fail(message: str, code: int = EXIT_USER):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn):
+    """Turn UserError (and other expected failures) into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except (OSError, MemoryError) as err:
+            if os.environ.get("EA4LLM_DEBUG"):
+                raise
+            _fail(f"{type(err).__name__}: {err}")
+        except Exception as err:  # a bug: say so in one line, full traceback on request
+            if os.environ.get("EA4LLM_DEBUG"):
+                raise
+            first = str(err).splitlines()[0] if str(err) else ""
+            _fail(f"internal error ({type(err).__name__}: {first}); rerun with EA4LLM_DEBUG=1 for the traceback", 1)
+
+    return wrapper
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=False)
+    sys.stdout.flush()
+
+
+def _load_cfg(config: Optional[str], overrides: tuple[str, ...]):
+    from .config import load
+
+    return load(config, list(overrides))
+
+
+def _default_out(config: Optional[str]) -> Path:
+    stem = Path(config).stem if config else "default"
+    base = Path("runs") / stem
+    out, k = base, 2
+    while out.exists() and any(out.iterdir()):
+        out = base.with_name(f"{stem}-{k}")
+        k += 1
+    return out
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int):
+        self.tty = sys.stdout.isatty()
+        self.bar = None
+        self.last_print = 0.0
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+
+    def __call__(self, line: dict) -> None:
+        loss = line.get("train_loss")
+        held = line.get("heldout_loss")
+        if self.bar is not None:
+            post = {"loss": f"{loss:.4f}"} if loss is not None else {}
+            if held is not None:
+                post["held-out"] = f"{held:.4f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+            if held is not None:
+                self.bar.write(f"iteration {line['iteration']}: held-out loss {held:.4f}")
+            return
+        now = time.monotonic()
+        if held is not None or now - self.last_print > 10:
+            self.last_print = now
+            parts = [f"iteration {line['iteration']}"]
+            if loss is not None:
+                parts.append(f"train loss {loss:.4f}")
+            if held is not None:
+                parts.append(f"held-out loss {held:.4f}")
+            if line.get("tokens_per_s"):
+                parts.append(f"{line['tokens_per_s']:,.0f} tokens/s")
+            parts.append(f"hash {line['state_hash'][:12]}")
+            _say(" | ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ea4llm-pool")
+def cli():
+    """Gradient-free (EA4LLM evolution strategies) training of causal language models over a pool."""
+
+
+# --------------------------------------------------------------------------------------------------
+def _worker_cmd(endpoint: str, device: str, dtype: str, threads: int, cache: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "ea4llm_pool", "worker", "--connect", endpoint, "--device", device,
+            "--dtype", dtype, "--threads", str(threads), "--cache", str(cache), "--name", name]
+
+
+def _run_pool(run, bind: str, workers: int, device: str, dtype: str, threads: int, shards: int) -> None:
+    import torch
+
+    from .coordinator import Coordinator
+
+    torch.set_num_threads(1)
+    coord = Coordinator(run, bind, say=_say, shards=shards)
+    _say(run.banner(f"{workers} local worker process{'es' if workers != 1 else ''} on {device} ({dtype})"))
+    _say(f"coordinator listening on {coord.endpoint}; more workers can join with:\n  {coord.join_command()}")
+    procs = []
+    logs = run.out / "logs"
+    logs.mkdir(exist_ok=True)
+    for k in range(workers):
+        fh = open(logs / f"worker-{k}.log", "a")
+        procs.append(subprocess.Popen(_worker_cmd(coord.endpoint, device, dtype, threads, run.out / "worker-cache",
+                                                  f"local-{k}"), stdout=fh, stderr=subprocess.STDOUT))
+    stop = {"flag": False}
+    old = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    progress = Progress(run.cfg.run.iterations, run.step)
+    coord.progress = progress
+    if run.step == 0:
+        progress(run.report_start())
+    try:
+        coord.serve(stop=lambda: stop["flag"] or any(p.poll() is not None for p in procs) and _all_dead(procs))
+    finally:
+        signal.signal(signal.SIGINT, old)
+        progress.close()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+    if all(p.poll() is not None and p.returncode not in (0, None) for p in procs) and run.step < run.cfg.run.iterations:
+        raise UserError(f"all local workers exited early; see {logs}/worker-*.log")
+
+
+def _all_dead(procs) -> bool:
+    return all(p.poll() is not None for p in procs)
+
+
+def _finish_message(run) -> None:
+    from .checkpoint import list_checkpoints
+
+    ck = list_checkpoints(run.out)
+    _say(f"done: {run.step} iterations, state hash {run.state_hash}")
+    if ck:
+        _say(f"checkpoint: {ck[-1][1]}  (AutoModelForCausalLM.from_pretrained loads it)")
+    _say(f"metrics: {run.out / 'metrics.jsonl'}  loss curve: {run.out / 'loss.png'}")
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="YAML config (default: embedded default)")
+@click.option("--out", type=click.Path(file_okay=False), help="run directory (default: runs/<config name>)")
+@click.option("--iterations", type=click.IntRange(min=1), help="override run.iterations")
+@click.option("--workers", type=click.IntRange(min=0), help="local worker processes (0 = evaluate in this process)")
+@click.option("--device", help="device of the local workers: cpu, cuda, cuda:N, mps")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), help="evaluation dtype of the local workers")
+@click.option("--threads", type=click.IntRange(min=0), help="torch threads per local worker")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True, help="data shards per member (units per member)")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint and log")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key, e.g. es.sigma=0.02")
+@guarded
+def train(config, out, iterations, workers, device, dtype, threads, shards, resume, overrides):
+    """Train on this machine: a coordinator and local worker processes (the same code as a lab pool)."""
+    from .run import Run
+
+    cfg = None
+    if not resume:
+        cfg = _load_cfg(config, overrides)
+        for key, val in (("device", device), ("dtype", dtype), ("threads", threads), ("workers", workers)):
+            if val is not None:
+                setattr(cfg.runtime, key, val)
+    elif out is None:
+        raise UserError("--resume needs --out (the run directory to continue)")
+    out = Path(out) if out else _default_out(config)
+    from .replica import resolve_device
+
+    run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
+    rt = run.cfg.runtime
+    if resume:
+        for key, val in (("device", device), ("dtype", dtype), ("threads", threads), ("workers", workers)):
+            if val is not None:
+                setattr(rt, key, val)
+    resolve_device(rt.device)
+    run.open_reporter()
+    try:
+        if rt.workers == 0:
+            import torch
+
+            from .local import train_inprocess
+            from .replica import Replica
+            from .run import load_model_skeleton
+            from .checkpoint import list_checkpoints, load_master_into
+
+            if rt.threads:
+                torch.set_num_threads(rt.threads)
+            ckpt = list_checkpoints(run.out)[-1][1]
+            rep = Replica(load_model_skeleton(ckpt), run.cfg.es, rt.device, rt.dtype, rt.chunk_elements)
+            load_master_into(ckpt, rep.master)
+            for rec in run.log.records(rep.master.step):
+                rep.apply(rec)
+            _say(run.banner(f"in-process on {rt.device} ({rt.dtype})"))
+            progress = Progress(run.cfg.run.iterations, run.step)
+            if run.step == 0:
+                progress(run.report_start())
+            train_inprocess(run, rep, progress)
+            progress.close()
+        else:
+            _run_pool(run, "tcp://127.0.0.1:0", rt.workers, rt.device, rt.dtype, rt.threads, shards)
+    finally:
+        run.reporter.close()
+    _finish_message(run)
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="YAML config (default: embedded default)")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
+@click.option("--bind", default="tcp://*:5555", show_default=True, help="control socket; the bulk channel uses port+1")
+@click.option("--iterations", type=click.IntRange(min=1), help="override run.iterations")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True, help="data shards per member")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint and log")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key")
+@guarded
+def coordinator(config, out, bind, iterations, shards, resume, overrides):
+    """Own a run and hand out work to workers that connect (any device, any machine)."""
+    import torch
+
+    from .coordinator import Coordinator
+    from .run import Run
+
+    cfg = None if resume else _load_cfg(config, overrides)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
+    run.open_reporter()
+    coord = Coordinator(run, bind, say=_say, shards=shards)
+    _say(run.banner("pool"))
+    _say(f"coordinator listening on {coord.endpoint}; workers join with:\n  {coord.join_command()}")
+    stop = {"flag": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    progress = Progress(run.cfg.run.iterations, run.step)
+    coord.progress = progress
+    if run.step == 0:
+        progress(run.report_start())
+    try:
+        coord.serve(stop=lambda: stop["flag"])
+    finally:
+        progress.close()
+        run.reporter.close()
+    _finish_message(run)
+
+
+@cli.command()
+@click.option("--connect", required=True, help="coordinator control address, e.g. tcp://host:5555")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None, help="evaluation dtype [bf16 on GPU, else fp32]")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0 = torch default)")
+@click.option("--name", default=None, help="name shown by status (default host:pid)")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="where synced checkpoints are kept")
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="refuse to join unless the coordinator runs this config")
+@click.option("--slowdown", type=float, default=1.0, hidden=True, help="test hook: evaluate this many times slower")
+@click.option("--protocol-version", type=int, default=None, hidden=True, help="test hook: announce another protocol version")
+@guarded
+def worker(connect, device, dtype, threads, name, cache, config, slowdown, protocol_version):
+    """Join a coordinator's pool and evaluate members on this device."""
+    from .worker import main as worker_main
+
+    if not connect.startswith(("tcp://", "ipc://")):
+        raise UserError(f"--connect expects tcp://HOST:PORT, got '{connect}'")
+    if dtype is None:
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    cfg = _load_cfg(config, ()) if config else None
+    sys.exit(worker_main(connect, device, dtype, threads, name, cache, cfg, slowdown, protocol_version))
+
+
+@cli.command()
+@click.option("--connect", required=True, help="coordinator control address, e.g. tcp://host:5555")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="seconds to wait for an answer")
+@click.option("--json", "as_json", is_flag=True, help="print the raw snapshot as JSON")
+@guarded
+def status(connect, timeout, as_json):
+    """Show a coordinator's workers, iteration and counters."""
+    import json
+
+    import zmq
+
+    from . import protocol as P
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    P.configure_socket_limits(sock)
+    sock.connect(connect)
+    sock.send(P.encode(P.STATUS_REQ))
+    if not sock.poll(int(timeout * 1000)):
+        sock.close(linger=0)
+        raise UserError(f"no answer from {connect} within {timeout:g} s (is the coordinator running?)")
+    msg = P.decode(sock.recv())
+    sock.close(linger=0)
+    snap = msg.snapshot
+    if as_json:
+        click.echo(json.dumps(snap, indent=1, sort_keys=True))
+        return
+    click.echo(f"iteration {snap['iteration']}/{snap['iterations']}  {snap['iterations_per_minute']:.2f} it/min  "
+               f"state {snap['state_hash'][:12]}")
+    c = snap["counters"]
+    click.echo("counters: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    click.echo(f"{'worker':<24}{'device':<10}{'dtype':<6}{'thr':>4}{'samples/s':>11}{'seen':>7}{'iter':>7}  agrees")
+    for w in snap["workers"]:
+        click.echo(f"{w['name'][:23]:<24}{w['device']:<10}{w['dtype']:<6}{w['threads']:>4}{w['throughput']:>11.1f}"
+                   f"{w['last_seen_s']:>6.1f}s{w['iteration']:>7}  {'yes' if w['state_agrees'] else 'NO'}")
+
+
+# --------------------------------------------------------------------------------------------------
+def _load_checkpoint_replica(path: str, device: str = "cpu", dtype: str = "fp32"):
+    from .checkpoint import load_master_into, read_meta, resolve
+    from .config import load
+    from .replica import Replica
+    from .run import load_model_skeleton
+
+    ckpt = resolve(path)
+    meta = read_meta(ckpt)
+    cfg_path = ckpt / "run_config.yaml"
+    cfg = load(cfg_path) if cfg_path.is_file() else load()
+    model = load_model_skeleton(ckpt)
+    cfg.es.optimizer = meta.get("optimizer", cfg.es.optimizer)
+    rep = Replica(model, cfg.es, device, dtype)
+    load_master_into(ckpt, rep.master)
+    return ckpt, meta, cfg, rep
+
+
+@cli.command("eval")
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="checkpoint dir, or a run dir (latest checkpoint)")
+@click.option("--data", default=None, help="corpus to evaluate (default: the run's held-out split)")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True, help="held-out samples to use")
+@click.option("--device", default="cpu", show_default=True)
+@guarded
+def eval_cmd(ckpt, data, samples, device):
+    """Print held-out loss (negated fitness, nats per token) and perplexity of a checkpoint."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from .data import load_texts, prepare_samples
+    from .model import check_seq_len
+
+    path, meta, cfg, rep = _load_checkpoint_replica(ckpt, device)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise UserError(f"{path}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
+    if data:
+        cfg.data.source = data
+    check_seq_len(rep.model, cfg.data.seq_len)
+    _, heldout = prepare_samples(cfg, tok, load_texts(cfg))
+    n = min(samples, len(heldout))
+    ids, mask = heldout.batch(range(n))
+    s, c = rep.evaluate_center(ids, mask, cfg.es.micro_batch)
+    loss = -s / c
+    click.echo(f"{path}: held-out loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} "
+               f"({n} samples × {cfg.data.seq_len} tokens, iteration {meta.get('step')})")
+
+
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="run directory")
+@click.option("--to", "to", type=click.IntRange(min=0), default=None, help="rebuild the weights after this many iterations")
+@click.option("--save", type=click.Path(file_okay=False), default=None, help="also write the rebuilt weights as a checkpoint")
+@guarded
+def replay(run_dir, to, save):
+    """Rebuild the weights from a checkpoint plus the commit log and print the state hash."""
+    from .checkpoint import list_checkpoints, save as save_ckpt
+    from .runlog import CommitLog
+    from .run import LOG_NAME
+
+    root = Path(run_dir)
+    if not (root / LOG_NAME).is_file():
+        raise UserError(f"{root} is not a run directory (no {LOG_NAME})")
+    log = CommitLog(root / LOG_NAME, readonly=True)
+    last = log.last()
+    end = (last["iteration"] + 1) if last else 0
+    target = end if to is None else to
+    if target > end:
+        raise UserError(f"--to {target}: the log only reaches iteration {end}")
+    found = [(s, d) for s, d in list_checkpoints(root) if s <= target]
+    if not found:
+        raise UserError(f"{root} has no checkpoint at or before iteration {target}")
+    ckpt_step, ckpt = found[-1]
+    ckpt, meta, cfg, rep = _load_checkpoint_replica(str(ckpt))
+    n = 0
+    for rec in log.records(ckpt_step):
+        if rec["iteration"] >= target:
+            break
+        rep.apply(rec)
+        n += 1
+        if rep.state_hash() != rec["state_hash"]:
+            raise UserError(f"replay diverged at iteration {rec['iteration'] + 1}: the log says "
+                            f"{rec['state_hash']}, this machine computes {rep.state_hash()}")
+    click.echo(f"replayed {ckpt.name} + {n} commits → iteration {rep.master.step}")
+    click.echo(f"state hash {rep.state_hash()}")
+    if save:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+        save_ckpt(Path(save), rep.model, rep.master, tok, {"state_hash": rep.state_hash(), "config_hash": cfg.config_hash()},
+                  cfg.to_yaml())
+        click.echo(f"saved {save}")
+
+
+@cli.command("hash")
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="checkpoint dir, or a run dir (latest)")
+@guarded
+def hash_cmd(ckpt):
+    """Print a checkpoint's state hash (and whether it matches the one recorded beside it)."""
+    path, meta, cfg, rep = _load_checkpoint_replica(ckpt)
+    h = rep.state_hash()
+    click.echo(h)
+    if meta.get("state_hash") and meta["state_hash"] != h:
+        _fail(f"{path}: weights hash to {h}, but {meta['state_hash']} is recorded beside them", 1)
+
+
+def main():
+    from . import quiet_transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
+    cli(prog_name="ea4llm-pool")
+
+
+if __name__ == "__main__":
+    main()

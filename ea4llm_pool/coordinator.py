@@ -1,0 +1,534 @@
+"""``ea4llm-pool coordinator``: owns the run and hands out work to whoever is in the pool.
+
+One explicit poller loop over two ROUTER sockets — control (registration, leases, results,
+commits, heartbeats) and bulk (checkpoint files and log records, so bulk bytes never delay a
+heartbeat). Each iteration:
+
+1. plan: members (seed, sign), the shared data subset, α_t, σ_t — pure functions of (run seed, t);
+2. lease units (member × data shard) to synced workers, sized by their measured throughput;
+   when the queue runs dry, idle workers get backup copies of units still out (first result wins),
+   so a slow or frozen worker never holds the iteration;
+3. close on a quorum of complete antithetic pairs (never on particular workers): shape, write the
+   COMMIT to the log and fsync, apply it to the coordinator's own replica, *then* announce it;
+4. check every worker's reported state hash against the log; a worker that disagrees is resynced.
+
+Stale results (another iteration) and duplicates (a unit already done) are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import zmq
+
+from . import UserError, protocol as P
+from .run import Plan, Run
+from .sync import FileServer
+from .worker import noise_digest
+
+TARGET_LEASE_S = 0.5      # aim for leases that take about this long on the worker
+MAX_COPIES = 2            # a unit is out on at most this many workers at once
+
+
+@dataclass
+class WorkerInfo:
+    wid: str
+    ident: bytes
+    name: str
+    device: str
+    dtype: str
+    threads: int
+    throughput: float
+    joined: float
+    last_seen: float
+    step: int = -1
+    state_hash: str = ""
+    synced: bool = False
+    leases: set = field(default_factory=set)
+    units_done: int = 0
+    mismatches: int = 0
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    wid: str
+    iteration: int
+    units: list
+    deadline: float
+    issued: float
+
+
+def _split(indices: list[int], shards: int) -> list[list[int]]:
+    n = len(indices)
+    shards = max(1, min(shards, n))
+    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    return [indices[bounds[i]: bounds[i + 1]] for i in range(shards)]
+
+
+class Coordinator:
+    def __init__(self, run: Run, bind: str, say: Callable[[str], None] = print, progress=None,
+                 shards: int = 1):
+        self.run = run
+        self.cfg = run.cfg
+        self.pool = run.cfg.pool
+        self.say = say
+        self.progress = progress
+        self.shards = shards
+        self.ctx = zmq.Context.instance()
+        self.ctrl = self.ctx.socket(zmq.ROUTER)
+        self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        P.configure_socket_limits(self.ctrl)
+        self.bulk = self.ctx.socket(zmq.ROUTER)
+        P.configure_socket_limits(self.bulk)
+        try:
+            self.ctrl.bind(bind)
+        except zmq.ZMQError as err:
+            self.ctrl.close(linger=0)
+            raise UserError(f"coordinator cannot bind {bind}: {err.strerror}"
+                            f"{' (is another coordinator running there?)' if err.errno == zmq.EADDRINUSE else ''}") from None
+        self.endpoint = self.ctrl.getsockopt(zmq.LAST_ENDPOINT).decode()
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        host = bind.rsplit(":", 1)[0]
+        bind_port = bind.rsplit(":", 1)[1]
+        try:
+            if bind_port not in ("0", "*"):
+                self.bulk.bind(f"{host}:{port + 1}")
+            else:
+                self.bulk.bind(f"{host}:0")
+        except zmq.ZMQError as err:
+            raise UserError(f"coordinator cannot bind its bulk channel next to {bind}: {err.strerror}") from None
+        self.port = port
+        self.bulk_port = int(self.bulk.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        self.files = FileServer()
+        self.run_id = f"{run.cfg.config_hash()}-{uuid.uuid5(uuid.NAMESPACE_URL, str(run.out.resolve())).hex[:8]}"
+        self.expected_digest = noise_digest("cpu")
+        self.workers: dict[str, WorkerInfo] = {}
+        self.by_ident: dict[bytes, str] = {}
+        self.hash_at: dict[int, str] = {}
+        self.counters = {"stale": 0, "duplicate": 0, "reissued": 0, "backups": 0, "resyncs": 0,
+                         "rejected": 0, "dropped_workers": 0}
+        self.leases: dict[str, Lease] = {}
+        self.plan: Optional[Plan] = None
+        self.started = time.monotonic()
+        self.commits_done = 0
+        self._offer_latest()
+        self._load_hashes()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _load_hashes(self) -> None:
+        from .checkpoint import list_checkpoints, read_meta
+
+        for step, d in list_checkpoints(self.run.out):
+            self.hash_at[step] = read_meta(d)["state_hash"]
+        for rec in self.run.log.records(0):
+            self.hash_at[rec["iteration"] + 1] = rec["state_hash"]
+
+    def _offer_latest(self) -> None:
+        ckpt, extra = self.run.files_for_sync()
+        names = []
+        for f in sorted(ckpt.iterdir()):
+            if f.is_file():
+                name = f"{ckpt.name}/{f.name}"
+                self.files.offer(name, f)
+                names.append(name)
+        for f in extra:
+            name = f"data/{f.name}"
+            self.files.offer(name, f)
+            names.append(name)
+        self.sync_step = int(ckpt.name[5:])
+        self.sync_names = names
+
+    def _sync_map(self, step: Optional[int] = None) -> dict:
+        if step is not None:
+            return {"checkpoint_iteration": step, "files": [], "log_from": step}
+        return {"checkpoint_iteration": self.sync_step, "files": self.files.listing(self.sync_names),
+                "log_from": self.sync_step}
+
+    def join_command(self) -> str:
+        host = self.endpoint.split("//", 1)[1].rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "*", "[::]", "::"):
+            host = socket.gethostname()
+        return f"ea4llm-pool worker --connect tcp://{host}:{self.port} --device cpu"
+
+    def _send(self, ident: bytes, msg_type: str, **fields) -> bool:
+        try:
+            self.ctrl.send_multipart([ident, P.encode(msg_type, **fields)])
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
+            return False
+
+    # -- messages ----------------------------------------------------------------------------------
+    def _on_control(self, ident: bytes, frame: bytes) -> None:
+        try:
+            msg = P.decode(frame)
+        except P.VersionMismatch as err:
+            self.counters["rejected"] += 1
+            self._send(ident, P.REJECT, reason=str(err))
+            return
+        except P.ProtocolError as err:
+            self._send(ident, P.ERROR, code="bad_request", reason=str(err))
+            return
+        t = msg.type
+        if t == P.HELLO:
+            return self._on_hello(ident, msg)
+        if t == P.STATUS_REQ:
+            self._send(ident, P.STATUS, snapshot=self.snapshot())
+            return
+        wid = self.by_ident.get(ident)
+        w = self.workers.get(wid) if wid else None
+        if w is None:
+            if t == P.RESULT:
+                self.counters["stale"] += 1
+            if t != P.BYE:
+                self._send(ident, P.ERROR, code="unknown_worker", reason="register again with HELLO")
+            return
+        w.last_seen = time.monotonic()
+        if t == P.PING:
+            if msg.get("throughput"):
+                w.throughput = float(msg.throughput)
+            self._send(ident, P.PONG, iteration=self.run.step)
+        elif t == P.RESULT:
+            self._on_result(w, msg)
+        elif t == P.STATE:
+            self._on_state(w, msg.iteration, msg.state_hash)
+        elif t == P.BYE:
+            self._drop(w, f"left ({msg.reason})", count=False)
+
+    def _on_hello(self, ident: bytes, msg: P.Message) -> None:
+        reason = None
+        if msg.config_hash and msg.config_hash != self.cfg.config_hash():
+            reason = (f"config mismatch: worker has config {msg.config_hash}, this run is {self.cfg.config_hash()}"
+                      " (start the worker without --config, or with the run's config)")
+        elif msg.noise_digest != self.expected_digest:
+            reason = (f"noise known-answer digest from {msg.device} differs from the coordinator's; that device "
+                      "cannot reproduce the run's noise bit for bit")
+        if reason:
+            self.counters["rejected"] += 1
+            self.say(f"coordinator: rejected {msg.worker_name}: {reason}")
+            self._send(ident, P.REJECT, reason=reason)
+            return
+        old = self.by_ident.get(ident)
+        if old in self.workers:
+            self._drop(self.workers[old], "registered again", count=False)
+        wid = uuid.uuid4().hex[:8]
+        now = time.monotonic()
+        w = WorkerInfo(wid, ident, msg.worker_name, msg.device, msg.dtype, msg.threads, float(msg.throughput), now, now)
+        self.workers[wid] = w
+        self.by_ident[ident] = wid
+        s = msg.state_iteration
+        keep = 0 <= s <= self.run.step and msg.state_hash and self.hash_at.get(s) == msg.state_hash
+        sync = self._sync_map(s if keep else None)
+        self._send(ident, P.WELCOME, worker_id=wid, run_id=self.run_id, config_yaml=self.run.config_yaml,
+                   sync=sync, heartbeat_s=self.pool.heartbeat_s, bulk_port=self.bulk_port)
+        self.say(f"coordinator: worker {msg.worker_name} joined ({msg.device}, {msg.dtype}, {msg.threads} threads)"
+                 f"{', keeps its state' if keep else ''}")
+
+    def _on_state(self, w: WorkerInfo, step: int, h: str) -> None:
+        w.step, w.state_hash = step, h
+        expected = self.hash_at.get(step)
+        if expected is not None and expected == h:
+            w.synced = True
+            return
+        if expected is None and step > self.run.step:
+            expected = "unknown"
+        w.synced = False
+        w.mismatches += 1
+        self.counters["resyncs"] += 1
+        self._release(w)
+        self.say(f"coordinator: worker {w.name} state hash at iteration {step} disagrees; resyncing it")
+        self._send(w.ident, P.RESYNC, reason=f"state hash at iteration {step} disagrees with the run log",
+                   sync=self._sync_map())
+
+    def _on_result(self, w: WorkerInfo, msg: P.Message) -> None:
+        lease = self.leases.pop(msg.lease_id, None)
+        if lease is not None:
+            w.leases.discard(msg.lease_id)
+        if self.plan is None or msg.iteration != self.plan.iteration:
+            self.counters["stale"] += 1
+            return
+        if msg.get("error"):
+            self.say(f"coordinator: worker {w.name} could not evaluate: {msg.error}")
+            if lease is not None:
+                self._requeue(lease.units)
+            return
+        units = self.lease_units_history.get(msg.lease_id, [])
+        if len(units) != len(msg.results):
+            self.say(f"coordinator: dropped a malformed result from {w.name}")
+            units = []
+        for key, r in zip(units, msg.results):
+            if key in self.results:
+                self.counters["duplicate"] += 1
+                continue
+            if r["member"] != key[0] or not math.isfinite(r["sum_r"]) or r["count"] != len(self.shard_indices[key]):
+                self.say(f"coordinator: dropped an invalid result from {w.name}")
+                continue
+            self.results[key] = (r["sum_r"], r["count"])
+            self.in_flight.pop(key, None)
+            w.units_done += 1
+        if lease is not None:
+            for key in lease.units:
+                if key not in self.results and key not in self.todo:
+                    copies = self.in_flight.get(key, set())
+                    copies.discard(msg.lease_id)
+                    if not copies:
+                        self.in_flight.pop(key, None)
+                        self.todo.append(key)
+
+    # -- leases --------------------------------------------------------------------------------------
+    def _requeue(self, units) -> None:
+        for key in units:
+            if key not in self.results and key not in self.todo:
+                self.todo.appendleft(key)
+                self.counters["reissued"] += 1
+
+    def _release(self, w: WorkerInfo) -> None:
+        for lid in list(w.leases):
+            lease = self.leases.pop(lid, None)
+            if lease is None:
+                continue
+            for key in lease.units:
+                copies = self.in_flight.get(key)
+                if copies is not None:
+                    copies.discard(lid)
+                    if not copies:
+                        self.in_flight.pop(key, None)
+            self._requeue(lease.units)
+        w.leases.clear()
+
+    def _drop(self, w: WorkerInfo, why: str, count: bool = True) -> None:
+        self._release(w)
+        self.workers.pop(w.wid, None)
+        if self.by_ident.get(w.ident) == w.wid:
+            self.by_ident.pop(w.ident, None)
+        if count:
+            self.counters["dropped_workers"] += 1
+        self.say(f"coordinator: worker {w.name} {why}")
+
+    def _capacity(self, w: WorkerInfo) -> int:
+        per_unit = max(1, self.cfg.es.samples_per_iteration // self.shards)
+        return max(1, int(w.throughput * TARGET_LEASE_S / per_unit))
+
+    def _lease(self, w: WorkerInfo, keys: list, backup: bool = False) -> None:
+        plan = self.plan
+        lid = uuid.uuid4().hex[:12]
+        units = []
+        for key in keys:
+            m = plan.members[key[0]]
+            units.append({"member": m.member, "seed": m.seed, "sign": m.sign, "indices": self.shard_indices[key]})
+            self.in_flight.setdefault(key, set()).add(lid)
+        expires = self.pool.lease_s
+        now = time.monotonic()
+        if not self._send(w.ident, P.LEASE, lease_id=lid, iteration=plan.iteration, alpha=plan.alpha,
+                          sigma=plan.sigma, units=units, expires_s=expires):
+            for key in keys:
+                self.in_flight.get(key, set()).discard(lid)
+            self._drop(w, "is unreachable")
+            self._requeue(keys)
+            return
+        self.leases[lid] = Lease(lid, w.wid, plan.iteration, list(keys), now + expires, now)
+        self.lease_units_history[lid] = list(keys)
+        w.leases.add(lid)
+        if backup:
+            self.counters["backups"] += 1
+
+    def _dispatch(self) -> None:
+        ready = [w for w in self.workers.values() if w.synced]
+        random.shuffle(ready)
+        ready.sort(key=lambda w: -w.throughput)
+        for w in ready:
+            cap = self._capacity(w)
+            out = sum(len(self.leases[l].units) for l in w.leases if l in self.leases)
+            while self.todo and out < 2 * cap:
+                take = []
+                while self.todo and len(take) < cap:
+                    key = self.todo.popleft()
+                    if key not in self.results:
+                        take.append(key)
+                if take:
+                    self._lease(w, take)
+                    out += len(take)
+        if self.todo:
+            return
+        # Tail of the iteration: idle workers take backup copies of units still out elsewhere.
+        for w in ready:
+            if w.leases:
+                continue
+            candidates = [k for k, c in self.in_flight.items() if k not in self.results and len(c) < MAX_COPIES
+                          and not any(self.leases.get(l) and self.leases[l].wid == w.wid for l in c)]
+            if candidates:
+                candidates.sort(key=lambda k: min(self.leases[l].issued for l in self.in_flight[k] if l in self.leases)
+                                if any(l in self.leases for l in self.in_flight[k]) else 0.0)
+                self._lease(w, candidates[:1], backup=True)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for lid, lease in list(self.leases.items()):
+            if lease.deadline < now:
+                w = self.workers.get(lease.wid)
+                if w is not None:
+                    w.leases.discard(lid)
+                self.leases.pop(lid, None)
+                for key in lease.units:
+                    copies = self.in_flight.get(key)
+                    if copies is not None:
+                        copies.discard(lid)
+                        if not copies:
+                            self.in_flight.pop(key, None)
+                self._requeue(lease.units)
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.pool.worker_timeout_s:
+                self._drop(w, f"silent for {now - w.last_seen:.0f} s; its leases go back in the queue")
+
+    # -- iterations -----------------------------------------------------------------------------------
+    def _open(self) -> None:
+        self.plan = self.run.plan(self.run.step)
+        shards = _split(self.plan.indices, self.shards)
+        self.shard_indices = {}
+        self.todo = deque()
+        for m in self.plan.members:
+            for s, idx in enumerate(shards):
+                key = (m.member, s)
+                self.shard_indices[key] = idx
+                self.todo.append(key)
+        self.results: dict = {}
+        self.in_flight: dict = {}
+        self.lease_units_history: dict = {}
+        self.t_open = time.perf_counter()
+
+    def _pairs(self) -> list[list[int]]:
+        groups: dict[int, list[int]] = {}
+        for m in self.plan.members:
+            groups.setdefault(m.seed, []).append(m.member)
+        return list(groups.values())
+
+    def _ready_members(self) -> Optional[list[int]]:
+        nshards = len({k[1] for k in self.shard_indices})
+        done = [g for g in self._pairs() if all((m, s) in self.results for m in g for s in range(nshards))]
+        pairs = self._pairs()
+        need = max(1, math.ceil(self.pool.quorum * len(pairs) - 1e-9))
+        if len(done) < need:
+            return None
+        return sorted(m for g in done for m in g)
+
+    def _close(self, members: list[int]) -> dict:
+        plan = self.plan
+        used = [plan.members[j] for j in members]
+        nshards = len({k[1] for k in self.shard_indices})
+        rewards = []
+        tokens = 0
+        for j in members:
+            s = sum(self.results[(j, k)][0] for k in range(nshards))
+            c = sum(self.results[(j, k)][1] for k in range(nshards))
+            rewards.append(s / c)
+            tokens += c * self.cfg.data.seq_len
+        sub = Plan(plan.iteration, plan.alpha, plan.sigma, used, plan.indices, plan.subset_digest)
+        stats = {"workers": len(self.workers), **self.counters}
+        record = self.run.close(sub, rewards, stats)
+        self.hash_at[self.run.step] = record["state_hash"]
+        for lid in list(self.leases):  # leftovers (backups) of the closed iteration are stale now
+            lease = self.leases.pop(lid)
+            w = self.workers.get(lease.wid)
+            if w is not None:
+                w.leases.discard(lid)
+        for w in list(self.workers.values()):
+            if not self._send(w.ident, P.COMMIT, record=record):
+                self._drop(w, "is unreachable")
+        self.plan = None
+        seconds = time.perf_counter() - self.t_open
+        line = self.run.report(record, seconds, tokens, extra={"workers": len(self.workers)})
+        self.commits_done += 1
+        if line.get("iteration") and self.run.step % self.cfg.run.checkpoint_every == 0:
+            self._offer_latest()
+        if self.progress is not None:
+            self.progress(line)
+        return line
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        minutes = max(1e-9, (now - self.started) / 60)
+        return {
+            "iteration": self.run.step, "iterations": self.cfg.run.iterations, "state_hash": self.run.state_hash,
+            "iterations_per_minute": self.commits_done / minutes, "counters": dict(self.counters),
+            "workers": [{"id": w.wid, "name": w.name, "device": w.device, "dtype": w.dtype, "threads": w.threads,
+                         "throughput": w.throughput, "last_seen_s": now - w.last_seen, "iteration": w.step,
+                         "state_agrees": bool(w.synced and self.hash_at.get(w.step) == w.state_hash),
+                         "units_done": w.units_done} for w in self.workers.values()],
+        }
+
+    def _poll(self, timeout_ms: int) -> None:
+        poller = self._poller
+        events = dict(poller.poll(timeout_ms))
+        if self.ctrl in events:
+            for _ in range(1000):
+                try:
+                    ident, frame = self.ctrl.recv_multipart(zmq.NOBLOCK)[:2]
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue
+                self._on_control(ident, frame)
+        if self.bulk in events:
+            for _ in range(100):
+                try:
+                    parts = self.bulk.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(parts) != 2:
+                    continue
+                ident, frame = parts
+                try:
+                    reply = self.files.handle(P.decode(frame), self.run.log)
+                except P.ProtocolError as err:
+                    reply = P.encode(P.ERROR, code="bad_request", reason=str(err))
+                try:
+                    self.bulk.send_multipart([ident, reply])
+                except zmq.ZMQError:
+                    pass
+
+    def serve(self, stop: Optional[Callable[[], bool]] = None) -> int:
+        self._poller = zmq.Poller()
+        self._poller.register(self.ctrl, zmq.POLLIN)
+        self._poller.register(self.bulk, zmq.POLLIN)
+        t_start = time.perf_counter()
+        limit = self.cfg.run.max_minutes * 60
+        try:
+            while self.run.step < self.cfg.run.iterations:
+                if stop is not None and stop():
+                    break
+                if limit and time.perf_counter() - t_start > limit:
+                    self.say(f"coordinator: run.max_minutes reached at iteration {self.run.step}")
+                    break
+                if self.plan is None:
+                    self._open()
+                self._poll(20)
+                self._expire()
+                members = self._ready_members()
+                if members is not None:
+                    self._close(members)
+                    continue
+                self._dispatch()
+            if self.run.step < self.cfg.run.iterations or self.run.step % self.cfg.run.checkpoint_every:
+                if self.run.step > 0 and not (self.run.out / "checkpoints" / f"step-{self.run.step:06d}").exists():
+                    self.run.checkpoint(final=True)
+            self._end("run complete" if self.run.step >= self.cfg.run.iterations else "run stopped")
+        finally:
+            self.ctrl.close(linger=500)
+            self.bulk.close(linger=0)
+        return 0
+
+    def _end(self, reason: str) -> None:
+        final = self.run.state_hash
+        for w in list(self.workers.values()):
+            self._send(w.ident, P.END, reason=reason, final_iteration=self.run.step, final_hash=final)
+        deadline = time.monotonic() + 3.0
+        while self.workers and time.monotonic() < deadline:
+            self._poll(50)

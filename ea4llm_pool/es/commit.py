@@ -1,0 +1,59 @@
+"""Closing an iteration: signed rewards → shaping → integer weights and exact fp32 scales.
+
+Runs on the coordinator only. The returned record is everything a replica needs to apply the
+update (``update.apply_commit``) and everything the run log keeps.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+from .groups import GROUPS
+from .noise import FRAC_BITS
+from .perturb import fp32
+from .population import Member
+from .shaping import shape
+
+
+def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequence[float],
+                    alpha: float, sigma: float, step: int) -> dict:
+    """Build the update record from the members' fitness values (mean R on the shared subset).
+
+    ``step`` is the number of commits applied before this one (for Adam's bias correction).
+    Signed rewards s_j·r_j are shaped together (paper Eq. 10), and each weight multiplies its
+    seed's *base* noise ε_b, so an antithetic pair contributes ≈ (r₊ − r₋)·ε_b.
+    """
+    signed = [m.sign * r for m, r in zip(members, rewards)] if es.antithetic else list(rewards)
+    w_int, w_scale = shape(signed, es.shaping)
+    per_seed: "OrderedDict[int, int]" = OrderedDict()
+    for m, w in zip(members, w_int):
+        per_seed[m.seed] = per_seed.get(m.seed, 0) + w
+    n = len(members)
+    s = sigma if es.nes_scaling else 1.0
+    # ĝ_g per unit of int64 accumulator: (1/N) · w_scale · 2^-16, divided by s (Eq. 14).
+    ghat = w_scale / n / s / float(1 << FRAC_BITS)
+    record = {
+        "iteration": iteration,
+        "alpha": alpha,
+        "sigma": sigma,
+        "seeds": list(per_seed.keys()),
+        "weights": list(per_seed.values()),
+        "members": [[m.member, m.seed, m.sign] for m in members],
+        "rewards": [float(r) for r in rewards],
+    }
+    ga = es.group_alpha.as_dict()
+    if es.optimizer == "sgd":
+        record["scales"] = {g: fp32(alpha * ga[g] * ghat) for g in GROUPS}
+        record["adam"] = None
+    else:
+        t = step + 1
+        b1, b2 = es.adam_beta1, es.adam_beta2
+        record["scales"] = {g: (fp32(ghat) if ga[g] > 0 else 0.0) for g in GROUPS}
+        record["adam"] = {
+            "beta1": fp32(b1), "one_minus_beta1": fp32(1.0 - b1),
+            "beta2": fp32(b2), "one_minus_beta2": fp32(1.0 - b2),
+            "inv_bc2": fp32(1.0 / (1.0 - b2 ** t)), "eps": fp32(es.adam_eps),
+            "lr_over_bc1": {g: fp32(alpha * ga[g] / (1.0 - b1 ** t)) for g in GROUPS},
+        }
+    return record

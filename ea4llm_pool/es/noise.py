@@ -1,0 +1,168 @@
+"""Device-independent perturbation noise: ε(seed, tensor_id, element) from integer operations only.
+
+Why not ``torch.randn``: its bits differ between CPU and CUDA, between GPU models and between CPU
+instruction sets, so two workers would perturb and update differently. Here every bit comes from
+integer arithmetic, which is the same everywhere:
+
+* a counter-based SplitMix64 hash of (stream key, counter) in int64 torch ops (wrapping multiply;
+  logical right shifts emulated with a mask, since ``>>`` on int64 is arithmetic);
+* each 64-bit hash yields four 16-bit lanes (elements 4h … 4h+3), read by viewing the int64
+  buffer as int16 (all supported devices are little-endian);
+* a lane becomes a value by an exact lookup in a shipped inverse-CDF table of the standard normal
+  (fixed point, 16 fractional bits) — no log, cos or erfinv whose last bit varies by platform.
+  ``rademacher`` uses the lane's sign bit instead: ±1.
+
+The stream key mixes the member seed with a 64-bit id derived from the parameter's *name*, so each
+tensor gets independent noise (same-shaped tensors never share it) and adding a layer does not
+reshuffle the noise of the others. Work is done in chunks so huge tensors never need a full-size
+int64 temporary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+FRAC_BITS = 16
+"""Q values are ε · 2^16; ε = Q · 2^-16 is exact in fp32 (|Q| < 2^24)."""
+ONE = 1 << FRAC_BITS
+TABLE_SHA256 = "ee46eda6f743ea9b2949c72134d6385025bcc7573bb0fba98b3bf40224779880"
+TABLE_PATH = Path(__file__).with_name("data") / "normal_q16.bin"
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_C1 = 0xBF58476D1CE4E5B9
+_C2 = 0x94D049BB133111EB
+
+
+def _signed(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def splitmix64(x: int) -> int:
+    """Reference SplitMix64 finaliser on Python ints (unsigned 64-bit result)."""
+    z = (x + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _C1) & _MASK64
+    z = ((z ^ (z >> 27)) * _C2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def tensor_id(name: str) -> int:
+    """64-bit id of a parameter, from its name (stable across runs, machines and model edits)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def stream_key(seed: int, tid: int) -> int:
+    """Key of the noise stream of one (member seed, tensor) pair, as a signed int64."""
+    return _signed(splitmix64(splitmix64(seed & _MASK64) ^ tid))
+
+
+def _load_table() -> torch.Tensor:
+    blob = TABLE_PATH.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != TABLE_SHA256:
+        raise RuntimeError(f"noise table {TABLE_PATH} is corrupt (sha256 {digest[:12]}…, expected {TABLE_SHA256[:12]}…)")
+    return torch.frombuffer(bytearray(blob), dtype=torch.int32).clone()
+
+
+_TABLE_Q = _load_table()
+
+
+class NoiseSource:
+    """Generates Q (int32 fixed point) or ε (fp32) for any slice of any tensor's noise stream.
+
+    One instance per device; it owns small reusable chunk buffers, so it is not thread-safe.
+    """
+
+    def __init__(self, kind: str = "gaussian", device: str | torch.device = "cpu", chunk: int = 1 << 18):
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"unknown noise kind {kind!r}")
+        self.kind = kind
+        self.device = torch.device(device)
+        self.chunk = max(4, chunk - chunk % 4)
+        q = _TABLE_Q
+        if kind == "rademacher":
+            q = torch.where(torch.arange(q.numel()) < q.numel() // 2, -ONE, ONE).to(torch.int32)
+        self.table_q = q.to(self.device)
+        self.table_f = (q.to(torch.float32) * (1.0 / ONE)).to(self.device)  # exact: |Q| < 2^24
+        m = self.chunk // 4
+        self._counter = torch.arange(1, m + 1, dtype=torch.int64, device=self.device)
+        self._z = torch.empty(m, dtype=torch.int64, device=self.device)
+        self._t = torch.empty(m, dtype=torch.int64, device=self.device)
+        self._idx = torch.empty(self.chunk, dtype=torch.int32, device=self.device)
+
+    # -- the hash -------------------------------------------------------------------------------
+    def _lanes(self, key: int, h0: int, m: int) -> torch.Tensor:
+        """Table indices (int32, 4·m of them) for hashes h0 … h0+m-1 of stream ``key``."""
+        z, t = self._z[:m], self._t[:m]
+        torch.add(self._counter[:m], h0, out=z)       # counter h+1, as SplitMix64 advances its state
+        z.mul_(_signed(_GOLDEN)).add_(key)            # state = key + (h+1)·golden (wrapping)
+        for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+            torch.bitwise_right_shift(z, shift, out=t)
+            t.bitwise_and_((1 << (64 - shift)) - 1)   # logical shift = arithmetic shift + mask
+            z.bitwise_xor_(t)
+            if mult is not None:
+                z.mul_(_signed(mult))
+        idx = self._idx[: 4 * m]
+        idx.copy_(z.view(torch.int16))                # four 16-bit lanes per hash, little-endian
+        idx.add_(1 << 15)
+        return idx
+
+    def _fill(self, table: torch.Tensor, seed: int, tid: int, start: int, out: torch.Tensor) -> torch.Tensor:
+        if start % 4:
+            raise ValueError("noise slices must start at a multiple of 4 elements")
+        key = stream_key(seed, tid)
+        n = out.numel()
+        flat = out.view(-1)
+        for off in range(0, n, self.chunk):
+            k = min(self.chunk, n - off)
+            idx = self._lanes(key, (start + off) // 4, (k + 3) // 4)
+            torch.index_select(table, 0, idx[:k], out=flat[off: off + k])
+        return out
+
+    # -- public ---------------------------------------------------------------------------------
+    def q(self, seed: int, tid: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Fixed-point noise Q = ε·2^16 (int32) for elements start … start+n-1 of the stream."""
+        if out is None:
+            out = torch.empty(n, dtype=torch.int32, device=self.device)
+        return self._fill(self.table_q, seed, tid, start, out)
+
+    def eps(self, seed: int, tid: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise ε = Q·2^-16 (fp32, exact) for elements start … start+n-1 of the stream."""
+        if out is None:
+            out = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._fill(self.table_f, seed, tid, start, out)
+
+
+# Known-answer vectors: (seed, tensor name, start, n). Their digest must equal KNOWN_ANSWER_DIGEST on
+# every device, or the device must not take part (it would perturb and update differently).
+KNOWN_ANSWER_CASES = (
+    (0, "model.embed_tokens.weight", 0, 4096),
+    (1, "model.layers.0.mlp.up_proj.weight", 0, 10_001),
+    ((1 << 63) - 1, "lm_head.weight", 1 << 20, 777),
+    (123456789, "model.norm.weight", 4, 64),
+)
+KNOWN_ANSWER_DIGEST = {
+    "gaussian": "20b053890625fda527a14d8b3c009f3bdebe1d6c9a31b7b02e6971b8d1ce9f12",
+    "rademacher": "feb8f4d2c89c0707fe13b040f0c7b4363ea3de1ff4023973414e2b2ddaf2dda7",
+}
+
+
+def known_answer_digest(kind: str = "gaussian", device: str | torch.device = "cpu", chunk: int = 1 << 12) -> str:
+    """SHA-256 over the Q values of KNOWN_ANSWER_CASES, computed on ``device`` (small chunks on
+    purpose, so chunk boundaries are exercised)."""
+    src = NoiseSource(kind, device, chunk=chunk)
+    h = hashlib.sha256()
+    for seed, name, start, n in KNOWN_ANSWER_CASES:
+        q = src.q(seed, tensor_id(name), start, n).cpu()
+        h.update(q.numpy().astype("<i4").tobytes())
+    return h.hexdigest()
+
+
+def self_test(kind: str, device: str | torch.device) -> tuple[bool, str]:
+    """True when ``device`` reproduces the known-answer digest for ``kind``."""
+    got = known_answer_digest(kind, device)
+    return got == KNOWN_ANSWER_DIGEST[kind], got
