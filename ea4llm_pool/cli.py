@@ -211,6 +211,8 @@ def train(config, out, iterations, workers, device, dtype, threads, shards, resu
     out = Path(out) if out else _default_out(config)
     from .replica import resolve_device
 
+    if cfg is not None:  # before Run: a bad device must not leave a half-made run directory behind
+        resolve_device(cfg.runtime.device)
     run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
     rt = run.cfg.runtime
     if resume:

@@ -120,8 +120,6 @@ class PoolCfg(_Section):
     worker_timeout_s: float = Field(10.0, gt=0, description="silence after which a worker is dropped (s)")
     lease_s: float = Field(60.0, gt=0, description="lease expiry for a work unit (s)")
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of antithetic pairs needed to close an iteration")
-    spot_check: float = Field(0.0, ge=0, le=1, description="fraction of units re-issued to a second worker")
-    spot_tolerance: float = Field(1e-3, ge=0, description="allowed |difference| of a re-issued unit's mean R")
 
 
 class Config(_Section):

@@ -35,6 +35,9 @@ from .worker import noise_digest
 
 TARGET_LEASE_S = 0.5      # aim for leases that take about this long on the worker
 MAX_COPIES = 2            # a unit is out on at most this many workers at once
+EXPIRE_SCAN_S = 0.1       # how often leases and silent workers are checked for expiry
+MIN_BACKUP_AFTER_S = 0.05  # a unit is never backed up sooner than this after it was leased
+TAIL_SCAN_S = 0.05        # how often idle workers are matched with backup copies at an iteration's tail
 
 
 @dataclass
@@ -54,6 +57,10 @@ class WorkerInfo:
     leases: set = field(default_factory=set)
     units_done: int = 0
     mismatches: int = 0
+    verified: int = 0        # iterations whose STATE matched the log
+    verified_from: int = -1  # the first of them
+    verified_last: int = -1  # the latest of them
+    verify_gaps: int = 0     # iterations skipped between two matching STATEs (a missed check)
 
 
 @dataclass
@@ -116,9 +123,14 @@ class Coordinator:
         self.counters = {"stale": 0, "duplicate": 0, "reissued": 0, "backups": 0, "resyncs": 0,
                          "rejected": 0, "dropped_workers": 0}
         self.leases: dict[str, Lease] = {}
+        self.departed: list[WorkerInfo] = []
         self.plan: Optional[Plan] = None
         self.started = time.monotonic()
         self.commits_done = 0
+        self._last_tail_scan = 0.0
+        self._lease_prefix = uuid.uuid4().hex[:6]  # lease ids differ between coordinator restarts
+        self._lease_seq = 0
+        self._last_expire_scan = 0.0
         self._offer_latest()
         self._load_hashes()
 
@@ -159,8 +171,11 @@ class Coordinator:
         return f"ea4llm-pool worker --connect tcp://{host}:{self.port} --device cpu"
 
     def _send(self, ident: bytes, msg_type: str, **fields) -> bool:
+        return self._send_frame(ident, P.encode(msg_type, **fields))
+
+    def _send_frame(self, ident: bytes, frame: bytes) -> bool:
         try:
-            self.ctrl.send_multipart([ident, P.encode(msg_type, **fields)])
+            self.ctrl.send_multipart([ident, frame])
             return True
         except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
             return False
@@ -236,6 +251,13 @@ class Coordinator:
         expected = self.hash_at.get(step)
         if expected is not None and expected == h:
             w.synced = True
+            if w.verified_from < 0:
+                w.verified_from = step
+            elif step > w.verified_last + 1:
+                w.verify_gaps += 1
+            if step > w.verified_last:
+                w.verified += 1
+                w.verified_last = step
             return
         if expected is None and step > self.run.step:
             expected = "unknown"
@@ -251,6 +273,8 @@ class Coordinator:
         lease = self.leases.pop(msg.lease_id, None)
         if lease is not None:
             w.leases.discard(msg.lease_id)
+            if self.plan is not None and lease.iteration == self.plan.iteration:
+                self.lease_durations.append(time.monotonic() - lease.issued)
         if self.plan is None or msg.iteration != self.plan.iteration:
             self.counters["stale"] += 1
             return
@@ -271,6 +295,7 @@ class Coordinator:
                 self.say(f"coordinator: dropped an invalid result from {w.name}")
                 continue
             self.results[key] = (r["sum_r"], r["count"])
+            self._count_done(key)
             self.in_flight.pop(key, None)
             w.units_done += 1
         if lease is not None:
@@ -305,6 +330,7 @@ class Coordinator:
 
     def _drop(self, w: WorkerInfo, why: str, count: bool = True) -> None:
         self._release(w)
+        self.departed.append(w)
         self.workers.pop(w.wid, None)
         if self.by_ident.get(w.ident) == w.wid:
             self.by_ident.pop(w.ident, None)
@@ -318,7 +344,8 @@ class Coordinator:
 
     def _lease(self, w: WorkerInfo, keys: list, backup: bool = False) -> None:
         plan = self.plan
-        lid = uuid.uuid4().hex[:12]
+        self._lease_seq += 1
+        lid = f"{self._lease_prefix}{self._lease_seq:x}"
         units = []
         for key in keys:
             m = plan.members[key[0]]
@@ -340,10 +367,15 @@ class Coordinator:
             self.counters["backups"] += 1
 
     def _dispatch(self) -> None:
+        now = time.monotonic()
+        if not self.todo and now - self._last_tail_scan < TAIL_SCAN_S:
+            return  # nothing queued; the backup scan below runs at most every TAIL_SCAN_S
         ready = [w for w in self.workers.values() if w.synced]
         random.shuffle(ready)
         ready.sort(key=lambda w: -w.throughput)
         for w in ready:
+            if not self.todo:
+                break
             cap = self._capacity(w)
             out = sum(len(self.leases[l].units) for l in w.leases if l in self.leases)
             while self.todo and out < 2 * cap:
@@ -357,19 +389,39 @@ class Coordinator:
                     out += len(take)
         if self.todo:
             return
-        # Tail of the iteration: idle workers take backup copies of units still out elsewhere.
-        for w in ready:
-            if w.leases:
+        self._last_tail_scan = now
+        # Tail of the iteration: idle workers take backup copies of units still out elsewhere,
+        # the longest-outstanding first.
+        idle = [w for w in ready if not w.leases]
+        if not idle:
+            return
+        # A unit earns a backup once it has been out twice as long as this iteration's typical
+        # lease took (so instant answers do not trigger a storm of pointless copies).
+        durations = sorted(self.lease_durations)
+        patience = max(MIN_BACKUP_AFTER_S, 2 * durations[len(durations) // 2]) if durations else MIN_BACKUP_AFTER_S
+        issued = {}
+        for k, c in self.in_flight.items():
+            if k in self.results or len(c) >= MAX_COPIES:
                 continue
-            candidates = [k for k, c in self.in_flight.items() if k not in self.results and len(c) < MAX_COPIES
-                          and not any(self.leases.get(l) and self.leases[l].wid == w.wid for l in c)]
-            if candidates:
-                candidates.sort(key=lambda k: min(self.leases[l].issued for l in self.in_flight[k] if l in self.leases)
-                                if any(l in self.leases for l in self.in_flight[k]) else 0.0)
-                self._lease(w, candidates[:1], backup=True)
+            live = [self.leases[l] for l in c if l in self.leases]
+            first = min((l.issued for l in live), default=0.0)
+            if now - first >= patience:
+                issued[k] = (first, {l.wid for l in live})
+        order = sorted(issued, key=lambda k: issued[k][0])
+        for w in idle:
+            for i, k in enumerate(order):
+                if w.wid not in issued[k][1]:
+                    self._lease(w, [k], backup=True)
+                    order.pop(i)
+                    break
+            if not order:
+                break
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if now - self._last_expire_scan < EXPIRE_SCAN_S:
+            return
+        self._last_expire_scan = now
         for lid, lease in list(self.leases.items()):
             if lease.deadline < now:
                 w = self.workers.get(lease.wid)
@@ -401,22 +453,30 @@ class Coordinator:
         self.results: dict = {}
         self.in_flight: dict = {}
         self.lease_units_history: dict = {}
+        self.lease_durations: list[float] = []
+        groups: dict[int, list[int]] = {}
+        for m in self.plan.members:  # antithetic pairs share a base seed; they close together
+            groups.setdefault(m.seed, []).append(m.member)
+        self.pairs = list(groups.values())
+        self.pair_of = {m: g for g, members in enumerate(self.pairs) for m in members}
+        self.units_left = {m.member: len(shards) for m in self.plan.members}
+        self.pairs_done: list[int] = []
         self.t_open = time.perf_counter()
 
-    def _pairs(self) -> list[list[int]]:
-        groups: dict[int, list[int]] = {}
-        for m in self.plan.members:
-            groups.setdefault(m.seed, []).append(m.member)
-        return list(groups.values())
+    def _count_done(self, key) -> None:
+        """Track complete members and complete antithetic pairs as results arrive."""
+        m = key[0]
+        self.units_left[m] -= 1
+        if self.units_left[m] == 0:
+            g = self.pair_of[m]
+            if all(self.units_left[j] == 0 for j in self.pairs[g]):
+                self.pairs_done.append(g)
 
     def _ready_members(self) -> Optional[list[int]]:
-        nshards = len({k[1] for k in self.shard_indices})
-        done = [g for g in self._pairs() if all((m, s) in self.results for m in g for s in range(nshards))]
-        pairs = self._pairs()
-        need = max(1, math.ceil(self.pool.quorum * len(pairs) - 1e-9))
-        if len(done) < need:
+        need = max(1, math.ceil(self.pool.quorum * len(self.pairs) - 1e-9))
+        if len(self.pairs_done) < need:
             return None
-        return sorted(m for g in done for m in g)
+        return sorted(m for g in self.pairs_done for m in self.pairs[g])
 
     def _close(self, members: list[int]) -> dict:
         plan = self.plan
@@ -438,11 +498,17 @@ class Coordinator:
             w = self.workers.get(lease.wid)
             if w is not None:
                 w.leases.discard(lid)
+        frame = P.encode(P.COMMIT, record=record)  # encoded once, sent to everyone
         for w in list(self.workers.values()):
-            if not self._send(w.ident, P.COMMIT, record=record):
+            if not self._send_frame(w.ident, frame):
                 self._drop(w, "is unreachable")
         self.plan = None
         seconds = time.perf_counter() - self.t_open
+        if self.run.step < self.cfg.run.iterations:
+            # Workers start on the next iteration while this one is reported (held-out
+            # evaluation, checkpoint, plot), which never changes the committed state.
+            self._open()
+            self._dispatch()
         line = self.run.report(record, seconds, tokens, extra={"workers": len(self.workers)})
         self.commits_done += 1
         if line.get("iteration") and self.run.step % self.cfg.run.checkpoint_every == 0:
@@ -461,8 +527,14 @@ class Coordinator:
             "workers": [{"id": w.wid, "name": w.name, "device": w.device, "dtype": w.dtype, "threads": w.threads,
                          "throughput": w.throughput, "last_seen_s": now - w.last_seen, "iteration": w.step,
                          "state_agrees": bool(w.synced and self.hash_at.get(w.step) == w.state_hash),
-                         "units_done": w.units_done} for w in self.workers.values()],
+                         "units_done": w.units_done, "verified": w.verified, "verified_from": w.verified_from,
+                         "verified_last": w.verified_last, "verify_gaps": w.verify_gaps,
+                         "mismatches": w.mismatches}
+                        for w in self.all_workers()],
         }
+
+    def all_workers(self) -> list[WorkerInfo]:
+        return list(self.workers.values())
 
     def _poll(self, timeout_ms: int) -> None:
         poller = self._poller
@@ -526,7 +598,18 @@ class Coordinator:
         return 0
 
     def _end(self, reason: str) -> None:
+        import json
+
         final = self.run.state_hash
+        # Let the last COMMIT's STATE reports arrive so the summary covers every iteration.
+        deadline = time.monotonic() + 3.0
+        while (time.monotonic() < deadline and
+               any(w.synced and w.step < self.run.step for w in self.workers.values())):
+            self._poll(20)
+        summary = self.snapshot()
+        summary["departed"] = [{"name": w.name, "verified": w.verified, "mismatches": w.mismatches,
+                                "units_done": w.units_done} for w in self.departed]
+        (self.run.out / "pool.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         for w in list(self.workers.values()):
             self._send(w.ident, P.END, reason=reason, final_iteration=self.run.step, final_hash=final)
         deadline = time.monotonic() + 3.0

@@ -19,6 +19,7 @@ import zmq
 
 from . import protocol as P
 
+PING_REFRESH = 5  # heartbeats between PINGs even when other messages keep the link busy
 LOST = "LINK_LOST"  # pseudo message type: nothing heard from the coordinator for too long
 
 
@@ -75,7 +76,10 @@ class Link(threading.Thread):
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._pipe_in, zmq.POLLIN)
+        # A PING goes out when the link has been otherwise silent for a heartbeat (any message
+        # proves liveness), and at least every PING_REFRESH heartbeats (it carries throughput).
         next_ping = time.monotonic()
+        last_ping = 0.0
         self.last_heard = time.monotonic()
         try:
             while not self._halt.is_set():
@@ -88,6 +92,7 @@ class Link(threading.Thread):
                         except zmq.Again:
                             break
                         sock.send(frame)
+                        next_ping = time.monotonic() + self.heartbeat_s
                 if sock in events:
                     while True:
                         try:
@@ -104,8 +109,9 @@ class Link(threading.Thread):
                         if msg.type != P.PONG:
                             self.inbox.put(msg)
                 now = time.monotonic()
-                if now >= next_ping:
+                if now >= next_ping or now - last_ping >= PING_REFRESH * self.heartbeat_s:
                     next_ping = now + self.heartbeat_s
+                    last_ping = now
                     if self.worker_id is not None:
                         sock.send(P.encode(P.PING, worker_id=self.worker_id, iteration=self.iteration,
                                            state_hash=self.state_hash, busy=self.busy,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 
@@ -24,14 +25,18 @@ class JsonlSink:
 
 
 class LossPlot:
-    """Redraws loss.png (train loss per iteration, held-out loss where evaluated)."""
+    """Redraws loss.png (train loss per iteration, held-out loss where evaluated).
 
-    def __init__(self, path: Path, every: int = 10):
+    A redraw costs a few hundred milliseconds, so it happens at most every ``min_interval_s``
+    seconds while the run goes (the first held-out point is drawn at once), and on close.
+    """
+
+    def __init__(self, path: Path, min_interval_s: float = 20.0):
         self.path = Path(path)
-        self.every = max(1, every)
+        self.min_interval_s = min_interval_s
         self.train: list[tuple[int, float]] = []
         self.heldout: list[tuple[int, float]] = []
-        self._since = 0
+        self._last = None
 
     def log(self, record: dict) -> None:
         it = record.get("iteration")
@@ -41,13 +46,10 @@ class LossPlot:
             self.train.append((it, record["train_loss"]))
         if record.get("heldout_loss") is not None:
             self.heldout.append((it, record["heldout_loss"]))
+        now = time.monotonic()
+        if (self._last is None and self.heldout) or (self._last is not None and now - self._last >= self.min_interval_s):
             self.draw()
-            self._since = 0
-            return
-        self._since += 1
-        if self._since >= self.every:
-            self.draw()
-            self._since = 0
+            self._last = time.monotonic()
 
     def draw(self) -> None:
         import matplotlib

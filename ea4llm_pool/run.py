@@ -44,10 +44,12 @@ def build_components(cfg: Config, out: Path, say: Callable[[str], None]):
     t0 = time.perf_counter()
     texts = load_texts(cfg)
     tok = load_tokenizer(cfg, texts)
-    train, heldout = prepare_samples(cfg, tok, texts)
-    check_subset(cfg, len(train))
+    # The model before the samples: a seq_len the model cannot take is the error to report, not
+    # the "corpus too small" that windowing at that length would run into first.
     model = build_model(cfg, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     check_seq_len(model, cfg.data.seq_len)
+    train, heldout = prepare_samples(cfg, tok, texts)
+    check_subset(cfg, len(train))
     tok.save_pretrained(out / "tokenizer")
     (out / "data").mkdir(exist_ok=True)
     train.save(out / "data" / "train.npz")
@@ -132,7 +134,13 @@ class Run:
 
     @property
     def state_hash(self) -> str:
-        return self.replica.state_hash()
+        """The replica's state hash, recomputed only when the master has moved (the run only
+        changes the master through :meth:`close` and :meth:`replay_log`)."""
+        cached = getattr(self, "_hash_cache", None)
+        if cached is None or cached[0] != self.step:
+            cached = (self.step, self.replica.state_hash())
+            self._hash_cache = cached
+        return cached[1]
 
     def replay_log(self) -> int:
         n = 0
@@ -159,12 +167,12 @@ class Run:
         """Shape, commit (log + fsync) and apply iteration ``plan.iteration``; returns the record."""
         if plan.iteration != self.step:
             raise RuntimeError(f"closing iteration {plan.iteration} but the state is at {self.step}")
-        parent = self.replica.state_hash()
+        parent = self.state_hash
         record = close_iteration(self.cfg.es, plan.iteration, plan.members, rewards, plan.alpha, plan.sigma,
                                  self.replica.master.step)
         self.replica.apply(record)
         record["parent_hash"] = parent
-        record["state_hash"] = self.replica.state_hash()
+        record["state_hash"] = self.state_hash
         record["subset_digest"] = plan.subset_digest
         record["stats"] = dict(stats or {})
         return self.log.append(record)
@@ -175,7 +183,7 @@ class Run:
 
     def checkpoint(self, final: bool = False) -> Path:
         last = self.log.last() if self.step > 0 else None
-        meta = {"state_hash": self.replica.state_hash(), "config_hash": self.cfg.config_hash(),
+        meta = {"state_hash": self.state_hash, "config_hash": self.cfg.config_hash(),
                 "log_chain": last["chain"] if last else "", "final": final}
         return checkpoint.save(checkpoint.step_dir(self.out, self.step), self.replica.model, self.replica.master,
                                self.tokenizer, meta, self.config_yaml)
@@ -204,6 +212,7 @@ class Run:
         from .metrics import Reporter
 
         self.reporter = Reporter(self.out)
+        self._t_report = time.monotonic()
         return self.reporter
 
     def report(self, record: dict, seconds: float, tokens: int, extra: Optional[dict] = None) -> dict:
@@ -213,7 +222,8 @@ class Run:
         fit = sum(rewards) / len(rewards)
         line = {"iteration": step, "train_fitness": fit, "train_loss": -fit, "alpha": record["alpha"],
                 "sigma": record["sigma"], "state_hash": record["state_hash"], "seconds": seconds,
-                "tokens_per_s": tokens / seconds if seconds > 0 else None, "heldout_loss": None}
+                "tokens_per_s": tokens / seconds if seconds > 0 else None, "heldout_loss": None,
+                "wall_s": round(time.monotonic() - self._t_report, 3)}
         last = step >= self.cfg.run.iterations
         ev = self.cfg.run.eval_every
         if last or (ev and step % ev == 0):

@@ -68,7 +68,7 @@ class FileServer:
 class BulkClient:
     """The worker's side of the bulk channel (used from the main thread only)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 30.0):
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 10.0):
         self.sock = ctx.socket(zmq.DEALER)
         P.configure_socket_limits(self.sock)
         self.sock.connect(endpoint)

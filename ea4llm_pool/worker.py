@@ -248,9 +248,11 @@ class Worker:
         welcome = self._register()
         while True:
             bulk_port = int(welcome.get("bulk_port") or 0)
+            # Heartbeats start at once: a sync (download, model load, replay) can take a while.
+            self.link.heartbeat_s = welcome.heartbeat_s
+            self.link.worker_id = welcome.worker_id
             try:
                 self._sync(welcome.run_id, welcome.config_yaml, welcome.sync, bulk_port)
-                self.link.worker_id = welcome.worker_id
                 self.link.send(P.STATE, iteration=self.replica.master.step, state_hash=self.replica.state_hash())
                 result = self._loop(bulk_port)
             except Resync as why:

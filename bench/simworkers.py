@@ -1,0 +1,99 @@
+"""Simulated pool workers for the coordinator benchmarks: real sockets, instant answers.
+
+``run_simulated(endpoint, n, initial_hash, ...)`` opens ``n`` DEALER sockets to a real
+coordinator and speaks the real protocol on each: HELLO, STATE after WELCOME, a RESULT for every
+LEASE at once (a made-up fitness, deterministic in the member seed), STATE after every COMMIT
+(echoing the committed hash, as an honest worker would after applying it), PING every heartbeat.
+No model is evaluated, so what remains is the coordinator's own cost and the bytes it exchanges.
+
+Run in its own process (``multiprocessing``) so the simulated side does not share the
+coordinator's interpreter. Returns, through a queue, the control-channel bytes and messages
+counted per direction after registration.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import zmq
+
+from ea4llm_pool import protocol as P
+
+
+def _fitness(seed: int, sign: int, count: int) -> float:
+    # A smooth made-up fitness so that shaping has distinct values to rank.
+    return count * (-6.9 + 1e-3 * math.sin(seed * 1e-3) * sign)
+
+
+def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, throughput: float,
+                  result_queue, stop_after_s: float = 600.0) -> None:
+    ctx = zmq.Context()
+    socks = []
+    poller = zmq.Poller()
+    for k in range(n):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        P.configure_socket_limits(s)
+        s.connect(endpoint)
+        s.send(P.encode(P.HELLO, config_hash="", noise_digest=digest, device="sim", dtype="fp32", threads=1,
+                        throughput=throughput, worker_name=f"sim-{k}", pid=k, state_iteration=-1, state_hash=""))
+        poller.register(s, zmq.POLLIN)
+        socks.append(s)
+    wid = {}
+    step = {}
+    counted = {"sent_bytes": 0, "recv_bytes": 0, "sent_msgs": 0, "recv_msgs": 0, "commits": 0}
+    by_type: dict[str, int] = {}
+    heartbeat = 1.0
+    last_sent = {}  # like the real link: PING only after a heartbeat of silence
+    deadline = time.monotonic() + stop_after_s
+    ended = 0
+
+    def send(s, msg_type, **fields):
+        frame = P.encode(msg_type, **fields)
+        if s in wid:  # count only after registration: sync traffic is a one-off, not per iteration
+            counted["sent_bytes"] += len(frame)
+            counted["sent_msgs"] += 1
+            by_type[msg_type] = by_type.get(msg_type, 0) + len(frame)
+        s.send(frame)
+        last_sent[s] = time.monotonic()
+
+    while ended < n and time.monotonic() < deadline:
+        for s, _ in poller.poll(100):
+            while True:
+                try:
+                    frame = s.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                msg = P.decode(frame)
+                if s in wid and msg.type != P.WELCOME:
+                    counted["recv_bytes"] += len(frame)
+                    counted["recv_msgs"] += 1
+                    by_type[msg.type] = by_type.get(msg.type, 0) + len(frame)
+                if msg.type == P.WELCOME:
+                    heartbeat = msg.heartbeat_s
+                    wid[s] = msg.worker_id
+                    step[s] = msg.sync["checkpoint_iteration"]
+                    send(s, P.STATE, iteration=step[s], state_hash=initial_hash)
+                elif msg.type == P.LEASE:
+                    results = [{"member": u["member"], "sign": u["sign"], "count": len(u["indices"]),
+                                "sum_r": _fitness(u["seed"], u["sign"], len(u["indices"]))} for u in msg.units]
+                    send(s, P.RESULT, lease_id=msg.lease_id, iteration=msg.iteration, results=results, eval_s=0.0)
+                elif msg.type == P.COMMIT:
+                    rec = msg.record
+                    step[s] = rec["iteration"] + 1
+                    counted["commits"] += 1
+                    send(s, P.STATE, iteration=step[s], state_hash=rec["state_hash"])
+                elif msg.type == P.END:
+                    ended += 1
+                elif msg.type in (P.REJECT, P.ERROR):
+                    raise SystemExit(f"simulated worker got {msg.type}: {msg.reason}")
+        now = time.monotonic()
+        for s in socks:
+            if s in wid and now - last_sent.get(s, 0.0) >= heartbeat:
+                send(s, P.PING, worker_id=wid[s], iteration=step[s], state_hash="", busy=False,
+                         done_units=0)
+    for s in socks:
+        s.close(0)
+    ctx.term()
+    result_queue.put({**counted, "by_type": by_type, "workers": n})
