@@ -150,8 +150,7 @@ def _run_pool(run, bind: str, workers: int, device: str, dtype: str, threads: in
         fh = open(logs / f"worker-{k}.log", "a")
         procs.append(subprocess.Popen(_worker_cmd(coord.endpoint, device, dtype, threads, run.out / "worker-cache",
                                                   f"local-{k}"), stdout=fh, stderr=subprocess.STDOUT))
-    stop = {"flag": False}
-    old = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    stop = _stop_on_signals()
     progress = Progress(run.cfg.run.iterations, run.step)
     coord.progress = progress
     if run.step == 0:
@@ -159,15 +158,25 @@ def _run_pool(run, bind: str, workers: int, device: str, dtype: str, threads: in
     try:
         coord.serve(stop=lambda: stop["flag"] or any(p.poll() is not None for p in procs) and _all_dead(procs))
     finally:
-        signal.signal(signal.SIGINT, old)
+        stop["restore"]()
         progress.close()
         for p in procs:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.terminate()
-    if all(p.poll() is not None and p.returncode not in (0, None) for p in procs) and run.step < run.cfg.run.iterations:
+    if (not stop["flag"] and run.step < run.cfg.run.iterations
+            and all(p.poll() is not None and p.returncode not in (0, None) for p in procs)):
         raise UserError(f"all local workers exited early; see {logs}/worker-*.log")
+
+
+def _stop_on_signals() -> dict:
+    """SIGINT/SIGTERM set ``flag`` (the run stops after the current iteration, checkpointed);
+    ``restore()`` puts the previous handlers back."""
+    stop = {"flag": False}
+    old = {sig: signal.signal(sig, lambda *_: stop.update(flag=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop["restore"] = lambda: [signal.signal(sig, h) for sig, h in old.items()]
+    return stop
 
 
 def _all_dead(procs) -> bool:
@@ -178,7 +187,11 @@ def _finish_message(run) -> None:
     from .checkpoint import list_checkpoints
 
     ck = list_checkpoints(run.out)
-    _say(f"done: {run.step} iterations, state hash {run.state_hash}")
+    if run.step < run.cfg.run.iterations:
+        _say(f"stopped at iteration {run.step} of {run.cfg.run.iterations}, state hash {run.state_hash}; "
+             f"continue with: ea4llm-pool train --resume --out {run.out}")
+    else:
+        _say(f"done: {run.step} iterations, state hash {run.state_hash}")
     if ck:
         _say(f"checkpoint: {ck[-1][1]}  (AutoModelForCausalLM.from_pretrained loads it)")
     _say(f"metrics: {run.out / 'metrics.jsonl'}  loss curve: {run.out / 'loss.png'}")
@@ -241,8 +254,12 @@ def train(config, out, iterations, workers, device, dtype, threads, shards, resu
             progress = Progress(run.cfg.run.iterations, run.step)
             if run.step == 0:
                 progress(run.report_start())
-            train_inprocess(run, rep, progress)
-            progress.close()
+            stop = _stop_on_signals()
+            try:
+                train_inprocess(run, rep, progress, stop=lambda: stop["flag"])
+            finally:
+                stop["restore"]()
+                progress.close()
         else:
             _run_pool(run, "tcp://127.0.0.1:0", rt.workers, rt.device, rt.dtype, rt.threads, shards)
     finally:
@@ -273,9 +290,7 @@ def coordinator(config, out, bind, iterations, shards, resume, overrides):
     coord = Coordinator(run, bind, say=_say, shards=shards)
     _say(run.banner("pool"))
     _say(f"coordinator listening on {coord.endpoint}; workers join with:\n  {coord.join_command()}")
-    stop = {"flag": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    stop = _stop_on_signals()
     progress = Progress(run.cfg.run.iterations, run.step)
     coord.progress = progress
     if run.step == 0:

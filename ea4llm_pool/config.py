@@ -25,8 +25,8 @@ class _Section(BaseModel):
 
 class RunCfg(_Section):
     seed: int = Field(0, ge=0, description="master seed: member seeds and data subsets derive from it")
-    iterations: int = Field(1500, ge=1, description="ES iterations (one update each)")
-    checkpoint_every: int = Field(250, ge=1, description="iterations between checkpoints")
+    iterations: int = Field(900, ge=1, description="ES iterations (one update each)")
+    checkpoint_every: int = Field(300, ge=1, description="iterations between checkpoints")
     eval_every: int = Field(25, ge=0, description="iterations between held-out evaluations (0 = only at the end)")
     eval_samples: int = Field(64, ge=1, description="held-out samples used for the held-out loss")
     max_minutes: float = Field(0.0, ge=0, description="stop after this many minutes of wall-clock (0 = no limit)")

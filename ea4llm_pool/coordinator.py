@@ -283,6 +283,9 @@ class Coordinator:
             if lease is not None:
                 self._requeue(lease.units)
             return
+        samples = sum(int(r["count"]) for r in msg.results)
+        if msg.eval_s > 0 and samples > 0:
+            w.throughput = samples / msg.eval_s  # measured on this lease (samples per second)
         units = self.lease_units_history.get(msg.lease_id, [])
         if len(units) != len(msg.results):
             self.say(f"coordinator: dropped a malformed result from {w.name}")
@@ -338,9 +341,32 @@ class Coordinator:
             self.counters["dropped_workers"] += 1
         self.say(f"coordinator: worker {w.name} {why}")
 
-    def _capacity(self, w: WorkerInfo) -> int:
+    def _sizes(self, ready: list[WorkerInfo]) -> dict[str, tuple[int, int]]:
+        """(lease size, most units out at once) per ready worker.
+
+        A lease aims to take about TARGET_LEASE_S on its worker, and a worker may hold two (so
+        the next is queued while it works), but no worker is given more than its share of the
+        iteration by measured throughput: with two equal workers each gets half the units.
+        Workers that have not measured their throughput yet count as average ones.
+        """
         per_unit = max(1, self.cfg.es.samples_per_iteration // self.shards)
-        return max(1, int(w.throughput * TARGET_LEASE_S / per_unit))
+        known = [w.throughput for w in ready if w.throughput > 0]
+        default = sum(known) / len(known) if known else 1.0
+        tps = {w.wid: (w.throughput if w.throughput > 0 else default) for w in ready}
+        total = sum(tps.values()) or 1.0
+        units = len(self.shard_indices)
+        # Shares of the iteration's units proportional to throughput, summing to the unit count
+        # (largest remainders get the leftover units); everyone gets at least one.
+        exact = {wid: units * tp / total for wid, tp in tps.items()}
+        share = {wid: int(x) for wid, x in exact.items()}
+        for wid in sorted(exact, key=lambda k: share[k] - exact[k])[:max(0, units - sum(share.values()))]:
+            share[wid] += 1
+        sizes = {}
+        for w in ready:
+            by_time = max(1, int(tps[w.wid] * TARGET_LEASE_S / per_unit)) if w.throughput > 0 else 1
+            mine = max(1, share[w.wid])
+            sizes[w.wid] = (min(by_time, mine), min(2 * by_time, mine))
+        return sizes
 
     def _lease(self, w: WorkerInfo, keys: list, backup: bool = False) -> None:
         plan = self.plan
@@ -373,14 +399,15 @@ class Coordinator:
         ready = [w for w in self.workers.values() if w.synced]
         random.shuffle(ready)
         ready.sort(key=lambda w: -w.throughput)
+        sizes = self._sizes(ready) if self.todo else {}
         for w in ready:
             if not self.todo:
                 break
-            cap = self._capacity(w)
+            cap, most = sizes[w.wid]
             out = sum(len(self.leases[l].units) for l in w.leases if l in self.leases)
-            while self.todo and out < 2 * cap:
+            while self.todo and out < most:
                 take = []
-                while self.todo and len(take) < cap:
+                while self.todo and len(take) < min(cap, most - out):
                     key = self.todo.popleft()
                     if key not in self.results:
                         take.append(key)
@@ -590,7 +617,7 @@ class Coordinator:
                 self._dispatch()
             if self.run.step < self.cfg.run.iterations or self.run.step % self.cfg.run.checkpoint_every:
                 if self.run.step > 0 and not (self.run.out / "checkpoints" / f"step-{self.run.step:06d}").exists():
-                    self.run.checkpoint(final=True)
+                    self.run.checkpoint(final=self.run.step >= self.cfg.run.iterations)
             self._end("run complete" if self.run.step >= self.cfg.run.iterations else "run stopped")
         finally:
             self.ctrl.close(linger=500)

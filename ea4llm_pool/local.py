@@ -1,7 +1,7 @@
 """In-process training: the coordinator's Run with members evaluated on a local replica.
 
-Used by tests and by ``train --workers 0``; the pool path (``pool/``) evaluates the same plan on
-worker processes and closes it through the same ``Run.close``.
+Used by tests and by ``train --workers 0``; the pool path (``coordinator.py``) evaluates the same
+plan on worker processes and closes it through the same ``Run.close``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from .replica import Replica
 from .run import Run
 
 
-def train_inprocess(run: Run, replica: Replica, progress=None) -> dict:
+def train_inprocess(run: Run, replica: Replica, progress=None, stop=None) -> dict:
+    """Run iterations until the last one, ``run.max_minutes`` or ``stop()``; a run that stops
+    early is checkpointed so that ``--resume`` continues it."""
     es = run.cfg.es
     line = {}
     t_start = time.perf_counter()
@@ -34,4 +36,8 @@ def train_inprocess(run: Run, replica: Replica, progress=None) -> dict:
             progress(line)
         if run.cfg.run.max_minutes and time.perf_counter() - t_start > 60 * run.cfg.run.max_minutes:
             break
+        if stop is not None and stop():
+            break
+    if run.step < run.cfg.run.iterations and run.step > 0:
+        run.checkpoint(final=False)
     return line
