@@ -1,9 +1,11 @@
 """Simulated pool workers for the coordinator benchmarks: real sockets, instant answers.
 
 ``run_simulated(endpoint, n, initial_hash, ...)`` opens ``n`` DEALER sockets to a real
-coordinator and speaks the real protocol on each: HELLO, STATE after WELCOME, a RESULT for every
-LEASE at once (a made-up fitness, deterministic in the member seed), STATE after every COMMIT
-(echoing the committed hash, as an honest worker would after applying it), PING every heartbeat.
+coordinator and speaks the real protocol on each, as ``ea4llm-pool worker`` does: HELLO, STATE
+after WELCOME, a RESULT for every LEASE at once (a made-up fitness, deterministic in the member
+seed), the state after every COMMIT (echoing the committed hash, as an honest worker would after
+applying it) carried by the next RESULT or sent as a STATE when no lease came with the commit,
+PING after a heartbeat of silence.
 No model is evaluated, so what remains is the coordinator's own cost and the bytes it exchanges.
 
 Run in its own process (``multiprocessing``) so the simulated side does not share the
@@ -42,6 +44,7 @@ def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, through
         socks.append(s)
     wid = {}
     step = {}
+    unreported = {}
     counted = {"sent_bytes": 0, "recv_bytes": 0, "sent_msgs": 0, "recv_msgs": 0, "commits": 0}
     by_type: dict[str, int] = {}
     heartbeat = 1.0
@@ -78,16 +81,25 @@ def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, through
                 elif msg.type == P.LEASE:
                     results = [{"member": u["member"], "sign": u["sign"], "count": len(u["indices"]),
                                 "sum_r": _fitness(u["seed"], u["sign"], len(u["indices"]))} for u in msg.units]
-                    send(s, P.RESULT, lease_id=msg.lease_id, iteration=msg.iteration, results=results, eval_s=0.0)
+                    carried = {}
+                    if s in unreported and unreported[s][0] == msg.iteration:  # as the real worker does
+                        it, h = unreported.pop(s)
+                        carried = {"state_iteration": it, "state_hash": h}
+                    send(s, P.RESULT, lease_id=msg.lease_id, iteration=msg.iteration, results=results, eval_s=0.0,
+                         **carried)
                 elif msg.type == P.COMMIT:
                     rec = msg.record
+                    if s in unreported:
+                        send(s, P.STATE, iteration=unreported[s][0], state_hash=unreported.pop(s)[1])
                     step[s] = rec["iteration"] + 1
                     counted["commits"] += 1
-                    send(s, P.STATE, iteration=step[s], state_hash=rec["state_hash"])
+                    unreported[s] = (step[s], rec["state_hash"])
                 elif msg.type == P.END:
                     ended += 1
                 elif msg.type in (P.REJECT, P.ERROR):
                     raise SystemExit(f"simulated worker got {msg.type}: {msg.reason}")
+        for s in list(unreported):  # no lease came with the commit: report the state on its own
+            send(s, P.STATE, iteration=unreported[s][0], state_hash=unreported.pop(s)[1])
         now = time.monotonic()
         for s in socks:
             if s in wid and now - last_sent.get(s, 0.0) >= heartbeat:

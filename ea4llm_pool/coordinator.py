@@ -17,6 +17,7 @@ Stale results (another iteration) and duplicates (a unit already done) are dropp
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import socket
@@ -270,6 +271,10 @@ class Coordinator:
                    sync=self._sync_map())
 
     def _on_result(self, w: WorkerInfo, msg: P.Message) -> None:
+        if msg.get("state_hash") is not None and msg.get("state_iteration") is not None:
+            self._on_state(w, msg.state_iteration, msg.state_hash)
+            if not w.synced:
+                return  # disagrees: resynced, and its result is not used
         lease = self.leases.pop(msg.lease_id, None)
         if lease is not None:
             w.leases.discard(msg.lease_id)
@@ -594,6 +599,10 @@ class Coordinator:
                     pass
 
     def serve(self, stop: Optional[Callable[[], bool]] = None) -> int:
+        # Everything allocated so far (torch, transformers, the model) lives for the whole run:
+        # keep the cyclic GC from walking it again and again while messages churn.
+        gc.collect()
+        gc.freeze()
         self._poller = zmq.Poller()
         self._poller.register(self.ctrl, zmq.POLLIN)
         self._poller.register(self.bulk, zmq.POLLIN)

@@ -37,9 +37,11 @@ LEASE          c→w    lease_id:str, iteration:int≥0, alpha:float, sigma:floa
                       expires_s:float>0
 RESULT         w→c    lease_id:str, iteration:int≥0,
                       results:list[{member:int≥0, sign:±1, sum_r:float, count:int≥0}],
-                      eval_s:float≥0, ?error:str (the lease could not be evaluated; re-queue it)
+                      eval_s:float≥0, ?error:str (the lease could not be evaluated; re-queue it),
+                      ?state_iteration:int≥-1, ?state_hash:str (a STATE report carried along)
 COMMIT         c→w    record:map with at least {iteration:int≥0, state_hash:str}
-STATE          w→c    iteration:int≥-1, state_hash:str
+STATE          w→c    iteration:int≥-1, state_hash:str  (after a sync, or after a COMMIT when no
+                      RESULT is about to carry the report)
 RESYNC         c→w    reason:str, sync:SYNC
 FETCH          w→c    name:str, offset:int≥0, length:int 1..CHUNK_SIZE        (bulk channel)
 CHUNK          c→w    name:str, offset:int≥0, data:bytes (≤ CHUNK_SIZE), eof:bool (bulk channel)
@@ -445,7 +447,8 @@ SCHEMAS: dict[str, MessageSchema] = {
     RESULT: MessageSchema("w→c", {
         "lease_id": _str, "iteration": _nat, "results": ListOf(UNIT_RESULT),
         "eval_s": Float(min=0.0),
-    }, {"error": _str}, doc="per unit: sum of per-sample R and the sample count"),
+    }, {"error": _str, "state_iteration": _iter, "state_hash": _str},
+        doc="per unit: sum of per-sample R and the sample count; the state a pending STATE would report"),
     COMMIT: MessageSchema("c→w", {"record": COMMIT_RECORD},
                           doc="the iteration's update record (as written in the run log)"),
     STATE: MessageSchema("w→c", {"iteration": _iter, "state_hash": _str},

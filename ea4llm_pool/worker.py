@@ -74,6 +74,8 @@ class Worker:
         self.train = None
         self.run_id = ""
         self.pending: dict[int, dict] = {}
+        self._unreported: Optional[tuple[int, str]] = None  # (iteration, hash) not yet reported
+        self._hash_cache = None
         self.units_done = 0
         self.throughput = 0.0
         self.stopping = False
@@ -148,29 +150,48 @@ class Worker:
                     raise Resync("checkpoint weights do not match their recorded state hash")
             self.run_id = run_id
             self.pending.clear()
+            self._unreported = None
             for rec in bulk.log_records(self.replica.master.step):
-                self._apply(rec)
+                self._apply(rec, report=False)  # one STATE after the sync reports where it ended
         finally:
             bulk.close()
         self._publish_state()
         self.say(f"worker {self.name}: synced to iteration {self.replica.master.step} "
                  f"({self.device}, {self.dtype}, {torch.get_num_threads()} threads)")
 
+    def _current_hash(self) -> str:
+        """The replica's state hash, computed once per state (the master only changes in _apply
+        and _sync)."""
+        step = self.replica.master.step
+        if self._hash_cache is None or self._hash_cache[0] != step or self._hash_cache[1] is not self.replica:
+            self._hash_cache = (step, self.replica, self.replica.state_hash())
+        return self._hash_cache[2]
+
     def _publish_state(self) -> None:
         self.link.iteration = self.replica.master.step
-        self.link.state_hash = self.replica.state_hash()
+        self.link.state_hash = self._current_hash()
 
-    def _apply(self, rec: dict) -> None:
+    def _flush_state(self) -> None:
+        """Send the STATE report a RESULT was going to carry, if one is still pending."""
+        if self._unreported is not None:
+            it, h = self._unreported
+            self._unreported = None
+            self.link.send(P.STATE, iteration=it, state_hash=h)
+
+    def _apply(self, rec: dict, report: bool = True) -> None:
         step = self.replica.master.step
         if rec["iteration"] < step:
             return
         if rec["iteration"] > step:
             raise Resync(f"missing commits between {step} and {rec['iteration']}")
+        self._flush_state()  # the previous state's report goes out before the state moves on
         self.replica.apply(rec)
-        got = self.replica.state_hash()
+        got = self._current_hash()
         if got != rec["state_hash"]:
             raise Resync(f"state hash after iteration {rec['iteration']} is {got[:12]}…, "
                          f"coordinator has {rec['state_hash'][:12]}…")
+        if report:  # reported by the next RESULT, or by a STATE if no lease follows
+            self._unreported = (self.replica.master.step, got)
 
     def _catch_up(self, iteration: int, bulk_port: int) -> None:
         """Bring the replica to ``iteration`` commits using queued COMMITs, else the log."""
@@ -211,7 +232,13 @@ class Worker:
         self.link.busy = False
         self.link.done_units = self.units_done
         self.link.throughput = self.throughput
-        self.link.send(P.RESULT, lease_id=lease.lease_id, iteration=lease.iteration, results=results, eval_s=dt)
+        carried = {}
+        if self._unreported is not None and self._unreported[0] == lease.iteration:
+            carried = {"state_iteration": self._unreported[0], "state_hash": self._unreported[1]}
+            self._unreported = None
+        self._flush_state()
+        self.link.send(P.RESULT, lease_id=lease.lease_id, iteration=lease.iteration, results=results, eval_s=dt,
+                       **carried)
 
     # -- main loop ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -253,7 +280,8 @@ class Worker:
             self.link.worker_id = welcome.worker_id
             try:
                 self._sync(welcome.run_id, welcome.config_yaml, welcome.sync, bulk_port)
-                self.link.send(P.STATE, iteration=self.replica.master.step, state_hash=self.replica.state_hash())
+                self._unreported = None
+                self.link.send(P.STATE, iteration=self.replica.master.step, state_hash=self._current_hash())
                 result = self._loop(bulk_port)
             except Resync as why:
                 self.say(f"worker: resyncing ({why})")
@@ -275,6 +303,7 @@ class Worker:
         while not self.stopping:
             msg = self.link.recv(timeout=0.5)
             if msg is None:
+                self._flush_state()
                 continue
             if msg == LOST:
                 self.say("worker: the coordinator went silent; registering again")
@@ -294,15 +323,16 @@ class Worker:
                 if rec["iteration"] == self.replica.master.step:
                     self._apply(rec)
                     self._publish_state()
-                    self.link.send(P.STATE, iteration=self.replica.master.step, state_hash=self.replica.state_hash())
+                    if self.link.inbox.empty():
+                        self._flush_state()  # no lease waiting to carry the report
                 elif rec["iteration"] > self.replica.master.step:
                     self.pending[rec["iteration"]] = rec
             elif t == P.RESYNC:
                 raise Resync(msg.reason)
             elif t == P.END:
                 self.say(f"worker {self.name}: run over at iteration {msg.final_iteration} ({msg.reason}); "
-                         f"state hash {'agrees' if self.replica.state_hash() == msg.final_hash else 'DIFFERS'}")
-                return 0 if self.replica.state_hash() == msg.final_hash else 1
+                         f"state hash {'agrees' if self._current_hash() == msg.final_hash else 'DIFFERS'}")
+                return 0 if self._current_hash() == msg.final_hash else 1
             elif t == P.ERROR:
                 if msg.code == "unknown_worker":
                     return "reregister"
