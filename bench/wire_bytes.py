@@ -65,8 +65,10 @@ def measure(preset: str, iterations: int, workers: int) -> dict:
             run.reporter.close()
         seconds = time.perf_counter() - t0
     per = (stats["sent_bytes"] + stats["recv_bytes"]) / iterations / workers
+    beats = sum(stats["by_type"].get(t, 0) for t in ("PING", "PONG")) / iterations / workers
     msgs = (stats["sent_msgs"] + stats["recv_msgs"]) / iterations / workers
-    return {"preset": preset, "params": params, "per_worker_iteration": per, "messages": msgs,
+    return {"preset": preset, "params": params, "per_worker_iteration": per, "heartbeats": beats,
+            "messages": msgs, "seconds_per_iteration": seconds / iterations,
             "by_type": {k: v / iterations / workers for k, v in stats["by_type"].items()},
             "sync_bytes": sync_bytes, "seconds": seconds}
 
@@ -84,19 +86,21 @@ def main() -> None:
     if args.big_preset:
         rows.append(measure(args.big_preset, args.big_iterations, args.workers))
     print(f"{args.workers} simulated workers; same ES/data settings (population 16, 16 samples) for every model")
-    print(f"{'model':10s} {'parameters':>14s} {'bytes/worker/iteration':>23s} {'messages':>9s} "
-          f"{'one-off sync download':>22s}")
+    print(f"{'model':10s} {'parameters':>14s} {'bytes/worker/iteration':>23s} {'of which work':>14s} "
+          f"{'heartbeats':>11s} {'one-off sync download':>22s}")
     for r in rows:
-        print(f"{r['preset']:10s} {r['params']:14,d} {r['per_worker_iteration']:23,.0f} {r['messages']:9.1f} "
-              f"{r['sync_bytes']:22,d}")
+        print(f"{r['preset']:10s} {r['params']:14,d} {r['per_worker_iteration']:23,.0f} "
+              f"{r['per_worker_iteration'] - r['heartbeats']:14,.0f} {r['heartbeats']:11,.0f} {r['sync_bytes']:22,d}")
     for r in rows:
         parts = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(r["by_type"].items()))
         print(f"  {r['preset']}: {parts}")
+    print("work = LEASE, RESULT, COMMIT, STATE, END; heartbeats (PING/PONG, one per second of silence) grow")
+    print("with the time an iteration takes, here the CPU coordinator applying each update to its own replica.")
     if len(rows) == 2:
         a, b = rows
-        print(f"ratio of per-iteration bytes ({b['preset']} / {a['preset']}): "
-              f"{b['per_worker_iteration'] / a['per_worker_iteration']:.3f} for "
-              f"{b['params'] / a['params']:,.0f}x the parameters")
+        wa, wb = (r["per_worker_iteration"] - r["heartbeats"] for r in rows)
+        print(f"work bytes per iteration, {b['preset']} / {a['preset']}: {wb / wa:.3f} "
+              f"for {b['params'] / a['params']:,.0f}x the parameters")
 
 
 if __name__ == "__main__":

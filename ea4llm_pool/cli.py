@@ -280,10 +280,11 @@ def coordinator(config, out, bind, iterations, shards, resume, overrides):
     """Own a run and hand out work to workers that connect (any device, any machine)."""
     import torch
 
-    from .coordinator import Coordinator
+    from .coordinator import Coordinator, check_bind
     from .run import Run
 
     cfg = None if resume else _load_cfg(config, overrides)
+    check_bind(bind)  # before the run directory is made
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
     run.open_reporter()
@@ -340,16 +341,25 @@ def status(connect, timeout, as_json):
 
     from . import protocol as P
 
+    from .link import check_endpoint
+
+    check_endpoint(connect)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     P.configure_socket_limits(sock)
-    sock.connect(connect)
+    try:
+        sock.connect(connect)
+    except zmq.ZMQError as err:
+        sock.close(linger=0)
+        raise UserError(f"cannot connect to '{connect}': {err.strerror} (use tcp://HOST:PORT)") from None
     sock.send(P.encode(P.STATUS_REQ))
     if not sock.poll(int(timeout * 1000)):
         sock.close(linger=0)
         raise UserError(f"no answer from {connect} within {timeout:g} s (is the coordinator running?)")
     msg = P.decode(sock.recv())
     sock.close(linger=0)
+    if msg.type != P.STATUS:
+        raise UserError(f"the coordinator answered {msg.type}: {msg.get('reason') or 'no status'}")
     snap = msg.snapshot
     if as_json:
         click.echo(json.dumps(snap, indent=1, sort_keys=True))

@@ -81,6 +81,33 @@ def _split(indices: list[int], shards: int) -> list[list[int]]:
     return [indices[bounds[i]: bounds[i + 1]] for i in range(shards)]
 
 
+def check_bind(bind: str) -> None:
+    """Fail early, with one line, if the control address (or its bulk port + 1) cannot be bound."""
+    ctx = zmq.Context.instance()
+    socks = []
+    try:
+        for addr in _bind_pair(bind):
+            s = ctx.socket(zmq.ROUTER)
+            socks.append(s)
+            try:
+                s.bind(addr)
+            except zmq.ZMQError as err:
+                hint = " (is another coordinator running there?)" if err.errno == zmq.EADDRINUSE else ""
+                raise UserError(f"coordinator cannot bind {addr}: {err.strerror}{hint}") from None
+    finally:
+        for s in socks:
+            s.close(linger=0)
+
+
+def _bind_pair(bind: str) -> list[str]:
+    host, port = bind.rsplit(":", 1) if ":" in bind.split("//", 1)[-1] else (bind, "")
+    if port in ("0", "*", ""):
+        return [bind]
+    if not port.isdigit():
+        raise UserError(f"'{bind}' is not a bind address (use tcp://HOST:PORT, e.g. tcp://*:5555)")
+    return [bind, f"{host}:{int(port) + 1}"]
+
+
 class Coordinator:
     def __init__(self, run: Run, bind: str, say: Callable[[str], None] = print, progress=None,
                  shards: int = 1):

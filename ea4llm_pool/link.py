@@ -10,6 +10,7 @@ main thread hands it through an inproc socket (ZeroMQ sockets must not be shared
 from __future__ import annotations
 
 import os
+import re
 import queue
 import threading
 import time
@@ -18,6 +19,16 @@ from typing import Optional
 import zmq
 
 from . import protocol as P
+
+def check_endpoint(address: str) -> str:
+    """A coordinator address must read tcp://HOST:PORT; anything else is a one-line UserError."""
+    from . import UserError
+
+    m = re.fullmatch(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})", address or "")
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise UserError(f"'{address}' is not a coordinator address (use tcp://HOST:PORT, e.g. tcp://10.0.0.5:5555)")
+    return address
+
 
 PING_REFRESH = 5  # heartbeats between PINGs even when other messages keep the link busy
 LOST = "LINK_LOST"  # pseudo message type: nothing heard from the coordinator for too long

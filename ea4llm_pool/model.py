@@ -31,7 +31,7 @@ _COMMON: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # 231,968 parameters at vocab 1024: the size the planning measurements (DESIGN.md §1) used;
+    # 231,968 parameters at vocab 1024: the size the measurements in docs/design.md §1 used;
     # one CPU thread evaluates a 16-window population member in milliseconds.
     "tiny": dict(_COMMON, hidden_size=64, intermediate_size=224, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,

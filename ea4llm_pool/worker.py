@@ -28,7 +28,7 @@ from . import UserError, protocol as P
 from .checkpoint import load_master_into, read_meta
 from .config import Config, from_dict
 from .es.noise import known_answer_digest
-from .link import LOST, Link
+from .link import LOST, Link, check_endpoint
 from .replica import Replica, resolve_device
 from .sync import BulkClient
 
@@ -57,7 +57,7 @@ class Worker:
     def __init__(self, connect: str, device: str = "cpu", dtype: str = "fp32", threads: int = 1,
                  name: Optional[str] = None, cache: Optional[str] = None, config: Optional[Config] = None,
                  slowdown: float = 1.0, say: Callable[[str], None] = print, protocol_version: Optional[int] = None):
-        self.connect = connect
+        self.connect = check_endpoint(connect)
         self.device = resolve_device(device)
         self.dtype = dtype
         self.threads = threads

@@ -1,4 +1,4 @@
-"""Specification of the replica-consistency contract (DESIGN.md §2).
+"""Specification of the replica-consistency contract (docs/design.md §2).
 
 After every iteration, every replica's fp32 master is bit-identical whatever its evaluation dtype,
 thread count or chunking; evaluating members never touches the master; a checkpoint plus the

@@ -1,7 +1,7 @@
 """Fitness shaping (paper Eq. 6–7, 10), producing *integer* weights.
 
 Shaping runs once, on the coordinator, in Python floats. What leaves it is integers plus one exact
-scale, so every replica accumulates the same update bits whatever its device (DESIGN.md §2.3):
+scale, so every replica accumulates the same update bits whatever its device (docs/design.md §2.3):
 
 * ``rank``: w_j = 2·rank_j/(N−1) − 1 = W_j / (N−1) with the integer W_j = 2·rank_j − (N−1).
 * ``zscore``: w_j = (r_j − μ)/(σ_r + 1e-8), quantised to W_j = round(w_j · 2^20), scale 2^-20.
