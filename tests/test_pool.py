@@ -66,8 +66,7 @@ def test_worker_sigkilled_mid_iteration_changes_nothing(tmp_path, pool_cfg):
     port = free_port_pair()
     out = tmp_path / "run"
     c = coordinator(tmp_path, cfg, out, port)
-    # Slow enough that the run is still going when b wakes up (a alone must not finish it).
-    a = worker(tmp_path, port, "a", "--slowdown", "10")
+    a = worker(tmp_path, port, "a", "--slowdown", "3")
     b = worker(tmp_path, port, "b", "--slowdown", "3")
     wait_until(lambda: last_iteration(out) >= 3, 120, "iteration 3", [c, a, b])
     b.signal(signal.SIGKILL)
@@ -81,7 +80,7 @@ def test_worker_frozen_past_its_lease_then_resumed_changes_nothing(tmp_path, poo
     out = tmp_path / "run"
     c = coordinator(tmp_path, cfg, out, port)
     # Slow enough that the run is still going when b wakes up (a alone must not finish it).
-    a = worker(tmp_path, port, "a", "--slowdown", "10")
+    a = worker(tmp_path, port, "a", "--slowdown", "25")
     b = worker(tmp_path, port, "b", "--slowdown", "3")
     wait_until(lambda: last_iteration(out) >= 3, 120, "iteration 3", [c, a, b])
     b.signal(signal.SIGSTOP)
@@ -98,7 +97,7 @@ def test_worker_joining_at_iteration_5_syncs_and_changes_nothing(tmp_path, pool_
     port = free_port_pair()
     out = tmp_path / "run"
     c = coordinator(tmp_path, cfg, out, port)
-    a = worker(tmp_path, port, "a", "--slowdown", "10")  # leaves the late joiner iterations to work on
+    a = worker(tmp_path, port, "a", "--slowdown", "20")  # leaves the late joiner iterations to work on
     wait_until(lambda: last_iteration(out) >= 5, 120, "iteration 5", [c, a])
     late = worker(tmp_path, port, "late")
     _finish(c, [a, late])
