@@ -18,7 +18,6 @@ Target: the bookkeeping part at most 20 ms per iteration with 200 workers.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -32,8 +31,7 @@ import torch  # noqa: E402
 from ea4llm_pool.config import from_dict  # noqa: E402
 from ea4llm_pool.coordinator import Coordinator  # noqa: E402
 from ea4llm_pool.run import Run  # noqa: E402
-from ea4llm_pool.worker import noise_digest  # noqa: E402
-from simworkers import run_simulated  # noqa: E402
+from simworkers import serve_with_simulated  # noqa: E402
 
 
 def main() -> None:
@@ -71,18 +69,9 @@ def main() -> None:
         run.report = timed(run.report)
         coord.progress = lambda line: marks.append((time.perf_counter(), time.thread_time(), model_cpu["t"]))
 
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        sim = ctx.Process(target=run_simulated, args=(coord.endpoint, args.workers, run.state_hash,
-                                                      noise_digest("cpu"), 16.0, q))
-        sim.start()
         try:
-            coord.serve()
-            stats = q.get(timeout=60)
+            stats = serve_with_simulated(coord, args.workers, run.state_hash)
         finally:
-            sim.join(10)
-            if sim.is_alive():
-                sim.kill()
             run.reporter.close()
 
     skip = 2

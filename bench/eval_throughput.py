@@ -19,10 +19,10 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -32,18 +32,10 @@ from ea4llm_pool.es.fitness import fitness_sums  # noqa: E402
 from ea4llm_pool.es.perturb import write_member  # noqa: E402
 from ea4llm_pool.model import build_model, count_parameters  # noqa: E402
 from ea4llm_pool.replica import Replica  # noqa: E402
+from timing import best_seconds  # noqa: E402
 
 VOCAB = 1024
 
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

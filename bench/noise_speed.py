@@ -14,24 +14,16 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from ea4llm_pool.es.noise import NoiseSource, tensor_id  # noqa: E402
+from timing import best_seconds  # noqa: E402
 
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, first-touch of buffers)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

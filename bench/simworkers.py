@@ -109,3 +109,25 @@ def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, through
         s.close(0)
     ctx.term()
     result_queue.put({**counted, "by_type": by_type, "workers": n})
+
+
+def serve_with_simulated(coord, n: int, initial_hash: str, throughput: float = 16.0,
+                         stop_after_s: float = 600.0) -> dict:
+    """Run ``coord.serve()`` here while ``n`` simulated workers (another process) work for it;
+    returns their counts (see :func:`run_simulated`)."""
+    import multiprocessing as mp
+
+    from ea4llm_pool.worker import noise_digest
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    sim = ctx.Process(target=run_simulated, args=(coord.endpoint, n, initial_hash, noise_digest("cpu"),
+                                                  throughput, q, stop_after_s))
+    sim.start()
+    try:
+        coord.serve()
+        return q.get(timeout=120)
+    finally:
+        sim.join(10)
+        if sim.is_alive():
+            sim.kill()

@@ -16,7 +16,6 @@ two CPU cores: the coordinator applies every update to its own replica.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import tempfile
 import time
@@ -31,8 +30,7 @@ from ea4llm_pool.config import from_dict  # noqa: E402
 from ea4llm_pool.coordinator import Coordinator  # noqa: E402
 from ea4llm_pool.model import count_parameters  # noqa: E402
 from ea4llm_pool.run import Run  # noqa: E402
-from ea4llm_pool.worker import noise_digest  # noqa: E402
-from simworkers import run_simulated  # noqa: E402
+from simworkers import serve_with_simulated  # noqa: E402
 
 
 def measure(preset: str, iterations: int, workers: int) -> dict:
@@ -50,18 +48,9 @@ def measure(preset: str, iterations: int, workers: int) -> dict:
         ckpt, extra = run.files_for_sync()
         sync_bytes = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) + sum(f.stat().st_size for f in extra)
         coord = Coordinator(run, "tcp://127.0.0.1:0", say=lambda m: None)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        sim = ctx.Process(target=run_simulated, args=(coord.endpoint, workers, run.state_hash,
-                                                      noise_digest("cpu"), 16.0, q, 3600.0))
-        sim.start()
         try:
-            coord.serve()
-            stats = q.get(timeout=120)
+            stats = serve_with_simulated(coord, workers, run.state_hash, stop_after_s=3600.0)
         finally:
-            sim.join(10)
-            if sim.is_alive():
-                sim.kill()
             run.reporter.close()
         seconds = time.perf_counter() - t0
     per = (stats["sent_bytes"] + stats["recv_bytes"]) / iterations / workers

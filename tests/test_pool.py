@@ -22,6 +22,13 @@ def pool_cfg(tmp_path_factory):
     return cfg, reference_hash(tmp, cfg)
 
 
+def _start(tmp_path, cfg):
+    """A coordinator for ``cfg`` on a fresh port pair: (port, run directory, process)."""
+    port = free_port_pair()
+    out = tmp_path / "run"
+    return port, out, coordinator(tmp_path, cfg, out, port)
+
+
 def _finish(coord, workers, timeout=240):
     procs = [coord, *workers]
     try:
@@ -38,9 +45,7 @@ def _finish(coord, workers, timeout=240):
 def test_replicas_with_different_threads_and_dtypes_agree_after_every_iteration(tmp_path, pool_cfg):
     cfg, _ = pool_cfg
     cfg = write_config(tmp_path / "pool.yaml", run={"iterations": 10})
-    port = free_port_pair()
-    out = tmp_path / "run"
-    c = coordinator(tmp_path, cfg, out, port)
+    port, out, c = _start(tmp_path, cfg)
     ws = [worker(tmp_path, port, "w1", threads=1, dtype="fp32"),
           worker(tmp_path, port, "w2", threads=2, dtype="bf16"),
           worker(tmp_path, port, "w3", threads=1, dtype="bf16")]
@@ -63,9 +68,7 @@ def test_replicas_with_different_threads_and_dtypes_agree_after_every_iteration(
 
 def test_worker_sigkilled_mid_iteration_changes_nothing(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
-    port = free_port_pair()
-    out = tmp_path / "run"
-    c = coordinator(tmp_path, cfg, out, port)
+    port, out, c = _start(tmp_path, cfg)
     a = worker(tmp_path, port, "a", "--slowdown", "3")
     b = worker(tmp_path, port, "b", "--slowdown", "3")
     wait_until(lambda: last_iteration(out) >= 3, 120, "iteration 3", [c, a, b])
@@ -76,9 +79,7 @@ def test_worker_sigkilled_mid_iteration_changes_nothing(tmp_path, pool_cfg):
 
 def test_worker_frozen_past_its_lease_then_resumed_changes_nothing(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
-    port = free_port_pair()
-    out = tmp_path / "run"
-    c = coordinator(tmp_path, cfg, out, port)
+    port, out, c = _start(tmp_path, cfg)
     # Slow enough that the run is still going when b wakes up (a alone must not finish it).
     a = worker(tmp_path, port, "a", "--slowdown", "25")
     b = worker(tmp_path, port, "b", "--slowdown", "3")
@@ -94,9 +95,7 @@ def test_worker_frozen_past_its_lease_then_resumed_changes_nothing(tmp_path, poo
 
 def test_worker_joining_at_iteration_5_syncs_and_changes_nothing(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
-    port = free_port_pair()
-    out = tmp_path / "run"
-    c = coordinator(tmp_path, cfg, out, port)
+    port, out, c = _start(tmp_path, cfg)
     a = worker(tmp_path, port, "a", "--slowdown", "20")  # leaves the late joiner iterations to work on
     wait_until(lambda: last_iteration(out) >= 5, 120, "iteration 5", [c, a])
     late = worker(tmp_path, port, "late")
@@ -110,9 +109,7 @@ def test_worker_joining_at_iteration_5_syncs_and_changes_nothing(tmp_path, pool_
 
 def test_coordinator_sigkilled_and_resumed_ends_on_the_same_state(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
-    port = free_port_pair()
-    out = tmp_path / "run"
-    c = coordinator(tmp_path, cfg, out, port)
+    port, out, c = _start(tmp_path, cfg)
     a = worker(tmp_path, port, "a", "--slowdown", "2")
     b = worker(tmp_path, port, "b", "--slowdown", "2")
     wait_until(lambda: last_iteration(out) >= 6, 120, "iteration 6", [c, a, b])
