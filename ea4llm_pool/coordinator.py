@@ -520,6 +520,7 @@ class Coordinator:
         self.pair_of = {m: g for g, members in enumerate(self.pairs) for m in members}
         self.units_left = {m.member: len(shards) for m in self.plan.members}
         self.pairs_done: list[int] = []
+        self.pairs_needed = max(1, math.ceil(self.pool.quorum * len(self.pairs) - 1e-9))
         self.t_open = time.perf_counter()
 
     def _count_done(self, key) -> None:
@@ -532,8 +533,7 @@ class Coordinator:
                 self.pairs_done.append(g)
 
     def _ready_members(self) -> Optional[list[int]]:
-        need = max(1, math.ceil(self.pool.quorum * len(self.pairs) - 1e-9))
-        if len(self.pairs_done) < need:
+        if len(self.pairs_done) < self.pairs_needed:
             return None
         return sorted(m for g in self.pairs_done for m in self.pairs[g])
 
@@ -599,14 +599,14 @@ class Coordinator:
         poller = self._poller
         events = dict(poller.poll(timeout_ms))
         if self.ctrl in events:
+            ctrl = self.ctrl
+            # Drain what is queued (asking the socket is cheaper than a zmq.Again per wake-up).
             for _ in range(1000):
-                try:
-                    ident, frame = self.ctrl.recv_multipart(zmq.NOBLOCK)[:2]
-                except zmq.Again:
+                if not ctrl.get(zmq.EVENTS) & zmq.POLLIN:
                     break
-                except ValueError:
-                    continue
-                self._on_control(ident, frame)
+                parts = ctrl.recv_multipart(zmq.NOBLOCK)
+                if len(parts) == 2:
+                    self._on_control(parts[0], parts[1])
         if self.bulk in events:
             for _ in range(100):
                 try:
@@ -645,7 +645,8 @@ class Coordinator:
                 if self.plan is None:
                     self._open()
                 self._poll(20)
-                self._expire()
+                if time.monotonic() - self._last_expire_scan >= EXPIRE_SCAN_S:
+                    self._expire()
                 members = self._ready_members()
                 if members is not None:
                     self._close(members)
