@@ -148,8 +148,9 @@ def _run_pool(run, bind: str, workers: int, device: str, dtype: str, threads: in
     logs.mkdir(exist_ok=True)
     for k in range(workers):
         fh = open(logs / f"worker-{k}.log", "a")
-        procs.append(subprocess.Popen(_worker_cmd(coord.endpoint, device, dtype, threads, run.out / "worker-cache",
-                                                  f"local-{k}"), stdout=fh, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(_worker_cmd(coord.endpoint, device, dtype, threads,
+                                                  run.out / "worker-cache" / f"local-{k}", f"local-{k}"),
+                                      stdout=fh, stderr=subprocess.STDOUT))
     stop = _stop_on_signals()
     progress = Progress(run.cfg.run.iterations, run.step)
     coord.progress = progress

@@ -8,7 +8,9 @@ in flight per chunk, so a slow link is never flooded — with SHA-256 checks and
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -88,7 +90,9 @@ class BulkClient:
         if dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256:
             return dest  # cached from an earlier sync
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
+        # A name of its own: workers on one machine may share a cache and fetch the same file at
+        # once; each writes its own part file and the (identical) results replace one another.
+        tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         h = hashlib.sha256()
         offset = 0
         with open(tmp, "wb") as fh:
@@ -102,7 +106,7 @@ class BulkClient:
         if h.hexdigest() != sha256:
             tmp.unlink(missing_ok=True)
             raise ConnectionError(f"{name}: checksum mismatch after transfer")
-        tmp.replace(dest)
+        os.replace(tmp, dest)
         return dest
 
     def log_records(self, from_iteration: int) -> Iterator[dict]:

@@ -139,3 +139,15 @@ def test_a_ten_times_slower_worker_does_not_stall_iterations(tmp_path):
     mixed = mean_iteration_seconds("mixed", slow=True)
     # Were the slow worker waited for, each iteration would take ~10× a unit's time on it.
     assert mixed < 2.5 * fast, (fast, mixed)
+
+
+def test_workers_sharing_one_cache_directory_both_sync(tmp_path):
+    """Two workers on one machine with one cache fetch the same checkpoint files at the same time."""
+    cfg = write_config(tmp_path / "pool.yaml", run={"iterations": 3}, model={"preset": "small"})
+    port, out, c = _start(tmp_path, cfg)
+    shared = tmp_path / "shared-cache"
+    ws = [worker(tmp_path, port, name, "--cache", shared) for name in ("s1", "s2")]
+    _finish(c, ws)
+    pool = json.loads((out / "pool.json").read_text())
+    assert sorted(w["name"] for w in pool["workers"]) == ["s1", "s2"], pool
+    assert not list(shared.rglob("*.part-*")), "no part files left behind"
