@@ -123,6 +123,26 @@ class NoiseSource:
             torch.index_select(table, 0, idx[:k], out=flat[off: off + k])
         return out
 
+    # -- many small streams at once ---------------------------------------------------------------
+    def q_packed(self, seed: int, pack: "NoisePack", out: torch.Tensor) -> torch.Tensor:
+        """Fixed-point noise of several whole tensors in one pass: ``out[pack.offsets[i] :][:n_i]``
+        holds exactly what ``q(seed, tid_i, 0, n_i)`` would. The same integer operations run on
+        every element, only batched, so the values are the same bits."""
+        keys = torch.tensor([stream_key(seed, tid) for tid in pack.tids], dtype=torch.int64, device=self.device)
+        z = torch.repeat_interleave(keys, pack.hashes_per_tensor)     # each hash's stream key
+        t = torch.empty_like(z)
+        z.add_(pack.counters.mul(_signed(_GOLDEN)))                    # key + (h+1)·golden (wrapping)
+        for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+            torch.bitwise_right_shift(z, shift, out=t)
+            t.bitwise_and_((1 << (64 - shift)) - 1)
+            z.bitwise_xor_(t)
+            if mult is not None:
+                z.mul_(_signed(mult))
+        idx = z.view(torch.int16).to(torch.int32)
+        idx.add_(1 << 15)
+        lanes = torch.index_select(self.table_q, 0, idx)
+        return torch.index_select(lanes, 0, pack.keep, out=out)
+
     # -- public ---------------------------------------------------------------------------------
     def q(self, seed: int, tid: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Fixed-point noise Q = ε·2^16 (int32) for elements start … start+n-1 of the stream."""
@@ -135,6 +155,27 @@ class NoiseSource:
         if out is None:
             out = torch.empty(n, dtype=torch.float32, device=self.device)
         return self._fill(self.table_f, seed, tid, start, out)
+
+
+class NoisePack:
+    """Layout for :meth:`NoiseSource.q_packed`: whole tensors (ids ``tids``, sizes ``sizes``)
+    laid end to end."""
+
+    def __init__(self, tids: list[int], sizes: list[int], device: str | torch.device = "cpu"):
+        self.tids = list(tids)
+        self.sizes = list(sizes)
+        hashes = [(n + 3) // 4 for n in sizes]
+        self.hashes_per_tensor = torch.tensor(hashes, dtype=torch.int64, device=device)
+        self.counters = torch.cat([torch.arange(1, h + 1, dtype=torch.int64) for h in hashes]).to(device)
+        keep, lane0 = [], 0
+        for n, h in zip(sizes, hashes):
+            keep.append(torch.arange(lane0, lane0 + n, dtype=torch.int64))
+            lane0 += 4 * h
+        self.keep = torch.cat(keep).to(device)       # which lanes are elements (drops each tail's padding)
+        self.numel = sum(sizes)
+        self.offsets = [0]
+        for n in sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
 
 
 # Known-answer vectors: (seed, tensor name, start, n). Their digest must equal KNOWN_ANSWER_DIGEST on

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from .noise import NoiseSource
+from .noise import NoisePack, NoiseSource
 from .state import MasterState
+
+
+SMALL = 1 << 16
+"""Tensors up to this many elements are updated together, end to end (see ``_packs``): for a
+small model the per-tensor kernel launches, not the arithmetic, would dominate the update."""
 
 
 def apply_commit(state: MasterState, commit: dict, noise: NoiseSource) -> None:
@@ -30,6 +35,40 @@ def apply_commit(state: MasterState, commit: dict, noise: NoiseSource) -> None:
     if (adam is not None) != (state.optimizer == "adam"):
         raise ValueError("commit optimizer does not match the replica's optimizer state")
     terms = [(s, w) for s, w in zip(seeds, weights) if w != 0]
+    live = [p for p in state.params if float(scales[p.group]) != 0.0]
+    small = [p for p in live if p.flat.numel() <= SMALL]
+    for group in _packs(small, noise.chunk):
+        _update_pack(state, group, terms, scales, adam, noise)
+    big = [p for p in live if p.flat.numel() > SMALL]
+    if big:
+        _update_large(state, big, terms, scales, adam, noise)
+    state.step += 1
+    state.iteration = int(commit["iteration"])
+
+
+def _step(theta, m, v, gg, tt, adam, lr) -> None:
+    """θ += ĝ (sgd) or the Adam step from ĝ, in place; each elementwise op its own kernel, every
+    constant an exact fp32 (a tensor ``lr`` holds one per element)."""
+    if adam is None:
+        theta.add_(gg)
+        return
+    m.mul_(adam["beta1"])
+    torch.mul(gg, adam["one_minus_beta1"], out=tt)
+    m.add_(tt)
+    v.mul_(adam["beta2"])
+    torch.mul(gg, gg, out=tt)
+    tt.mul_(adam["one_minus_beta2"])
+    v.add_(tt)
+    torch.mul(v, adam["inv_bc2"], out=tt)      # v̂
+    tt.sqrt_()
+    tt.add_(adam["eps"])
+    torch.mul(m, lr, out=gg)                   # lr_g · m̂
+    gg.div_(tt)
+    theta.add_(gg)
+
+
+def _update_large(state, params, terms, scales, adam, noise) -> None:
+    """Tensor by tensor, chunk by chunk (memory stays at a few chunk buffers)."""
     chunk = noise.chunk
     dev = noise.device
     acc = torch.empty(chunk, dtype=torch.int64, device=dev)
@@ -37,10 +76,8 @@ def apply_commit(state: MasterState, commit: dict, noise: NoiseSource) -> None:
     q64 = torch.empty(chunk, dtype=torch.int64, device=dev)
     g = torch.empty(chunk, dtype=torch.float32, device=dev)
     tmp = torch.empty(chunk, dtype=torch.float32, device=dev)
-    for p in state.params:
+    for p in params:
         scale = float(scales[p.group])
-        if scale == 0.0:
-            continue
         n = p.flat.numel()
         for off in range(0, n, chunk):
             k = min(chunk, n - off)
@@ -53,24 +90,60 @@ def apply_commit(state: MasterState, commit: dict, noise: NoiseSource) -> None:
                 a.add_(qw)
             gg.copy_(a)              # int64 → fp32, one rounding
             gg.mul_(scale)           # ĝ (sgd: the whole step) in parameter units
-            theta = p.flat[off: off + k]
-            if adam is None:
-                theta.add_(gg)
-                continue
-            m = state.adam_m[p.name][off: off + k]
-            v = state.adam_v[p.name][off: off + k]
-            m.mul_(adam["beta1"])
-            torch.mul(gg, adam["one_minus_beta1"], out=tt)
-            m.add_(tt)
-            v.mul_(adam["beta2"])
-            torch.mul(gg, gg, out=tt)
-            tt.mul_(adam["one_minus_beta2"])
-            v.add_(tt)
-            torch.mul(v, adam["inv_bc2"], out=tt)      # v̂
-            tt.sqrt_()
-            tt.add_(adam["eps"])
-            torch.mul(m, adam["lr_over_bc1"][p.group], out=gg)   # lr_g · m̂
-            gg.div_(tt)
-            theta.add_(gg)
-    state.step += 1
-    state.iteration = int(commit["iteration"])
+            m = state.adam_m[p.name][off: off + k] if adam is not None else None
+            v = state.adam_v[p.name][off: off + k] if adam is not None else None
+            lr = adam["lr_over_bc1"][p.group] if adam is not None else None
+            _step(p.flat[off: off + k], m, v, gg, tt, adam, lr)
+
+
+def _packs(params, limit: int) -> list[list]:
+    """Consecutive runs of small tensors of at most ``limit`` elements in all."""
+    out, cur, size = [], [], 0
+    for p in params:
+        n = p.flat.numel()
+        if cur and size + n > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _update_pack(state, params, terms, scales, adam, noise) -> None:
+    """The same arithmetic as ``_update_large``, element for element, on several tensors laid end
+    to end: noise from ``q_packed``, per-element fp32 scales, then the results copied back."""
+    dev = noise.device
+    key = tuple(p.name for p in params)
+    cache = state.__dict__.setdefault("_packs", {})
+    if key not in cache:
+        pack = NoisePack([p.tid for p in params], [p.flat.numel() for p in params], dev)
+        per_elem = lambda values: torch.cat([torch.full((p.flat.numel(),), float(values(p)), dtype=torch.float32)
+                                             for p in params]).to(dev)
+        cache[key] = (pack, per_elem)
+    pack, per_elem = cache[key]
+    n = pack.numel
+    acc = torch.zeros(n, dtype=torch.int64, device=dev)
+    q = torch.empty(n, dtype=torch.int32, device=dev)
+    q64 = torch.empty(n, dtype=torch.int64, device=dev)
+    for seed, w in terms:
+        noise.q_packed(seed, pack, out=q)
+        q64.copy_(q)
+        q64.mul_(w)
+        acc.add_(q64)
+    gg = acc.to(torch.float32)                       # int64 → fp32, one rounding
+    gg.mul_(per_elem(lambda p: scales[p.group]))     # exact fp32 scales, one per element
+    theta = torch.cat([p.flat for p in params])
+    m = v = lr = None
+    if adam is not None:
+        m = torch.cat([state.adam_m[p.name] for p in params])
+        v = torch.cat([state.adam_v[p.name] for p in params])
+        lr = per_elem(lambda p: adam["lr_over_bc1"][p.group])
+    _step(theta, m, v, gg, torch.empty_like(gg), adam, lr)
+    for p, off in zip(params, pack.offsets):
+        k = p.flat.numel()
+        p.flat.copy_(theta[off: off + k])
+        if adam is not None:
+            state.adam_m[p.name].copy_(m[off: off + k])
+            state.adam_v[p.name].copy_(v[off: off + k])
