@@ -19,6 +19,7 @@ from ea4llm_pool.es.population import population
 from ea4llm_pool.es.schedule import alpha_at, sigma_at
 from ea4llm_pool.es.state import MasterState
 from ea4llm_pool.es.statehash import state_hash
+from ea4llm_pool.es import update
 from ea4llm_pool.es.update import apply_commit
 
 SHAPES = {
@@ -68,8 +69,12 @@ def _trajectory(optimizer: str, shaping: str, noise: str, threads: int) -> list[
     return hashes
 
 
+@pytest.mark.parametrize("small", [update.SMALL, 0], ids=["packed", "per-tensor"])
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_update_and_state_hash_known_answers(case):
+def test_update_and_state_hash_known_answers(case, small, monkeypatch):
+    """Both update paths (small tensors packed end to end, or one tensor at a time) and both
+    thread counts land on the same pinned hashes."""
+    monkeypatch.setattr(update, "SMALL", small)
     old = torch.get_num_threads()
     try:
         got = _trajectory(*case, threads=1)
