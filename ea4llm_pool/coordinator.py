@@ -18,6 +18,7 @@ Stale results (another iteration) and duplicates (a unit already done) are dropp
 from __future__ import annotations
 
 import gc
+import json
 import math
 import random
 import socket
@@ -92,11 +93,15 @@ def check_bind(bind: str) -> None:
             try:
                 s.bind(addr)
             except zmq.ZMQError as err:
-                hint = " (is another coordinator running there?)" if err.errno == zmq.EADDRINUSE else ""
-                raise UserError(f"coordinator cannot bind {addr}: {err.strerror}{hint}") from None
+                raise _bind_error(addr, err) from None
     finally:
         for s in socks:
             s.close(linger=0)
+
+
+def _bind_error(addr: str, err: zmq.ZMQError) -> UserError:
+    hint = " (is another coordinator running there?)" if err.errno == zmq.EADDRINUSE else ""
+    return UserError(f"coordinator cannot bind {addr}: {err.strerror}{hint}")
 
 
 def _bind_pair(bind: str) -> list[str]:
@@ -127,8 +132,7 @@ class Coordinator:
             self.ctrl.bind(bind)
         except zmq.ZMQError as err:
             self.ctrl.close(linger=0)
-            raise UserError(f"coordinator cannot bind {bind}: {err.strerror}"
-                            f"{' (is another coordinator running there?)' if err.errno == zmq.EADDRINUSE else ''}") from None
+            raise _bind_error(bind, err) from None
         self.endpoint = self.ctrl.getsockopt(zmq.LAST_ENDPOINT).decode()
         port = int(self.endpoint.rsplit(":", 1)[1])
         host = bind.rsplit(":", 1)[0]
@@ -589,11 +593,8 @@ class Coordinator:
                          "units_done": w.units_done, "verified": w.verified, "verified_from": w.verified_from,
                          "verified_last": w.verified_last, "verify_gaps": w.verify_gaps,
                          "mismatches": w.mismatches}
-                        for w in self.all_workers()],
+                        for w in self.workers.values()],
         }
-
-    def all_workers(self) -> list[WorkerInfo]:
-        return list(self.workers.values())
 
     def _poll(self, timeout_ms: int) -> None:
         poller = self._poller
@@ -645,8 +646,7 @@ class Coordinator:
                 if self.plan is None:
                     self._open()
                 self._poll(20)
-                if time.monotonic() - self._last_expire_scan >= EXPIRE_SCAN_S:
-                    self._expire()
+                self._expire()
                 members = self._ready_members()
                 if members is not None:
                     self._close(members)
@@ -662,8 +662,6 @@ class Coordinator:
         return 0
 
     def _end(self, reason: str) -> None:
-        import json
-
         final = self.run.state_hash
         # Let the last COMMIT's STATE reports arrive so the summary covers every iteration.
         deadline = time.monotonic() + 3.0

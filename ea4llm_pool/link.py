@@ -10,8 +10,8 @@ main thread hands it through an inproc socket (ZeroMQ sockets must not be shared
 from __future__ import annotations
 
 import os
-import re
 import queue
+import re
 import threading
 import time
 from typing import Optional
@@ -19,6 +19,7 @@ from typing import Optional
 import zmq
 
 from . import protocol as P
+
 
 def check_endpoint(address: str) -> str:
     """A coordinator address must read tcp://HOST:PORT; anything else is a one-line UserError."""

@@ -280,7 +280,6 @@ class Worker:
             self.link.worker_id = welcome.worker_id
             try:
                 self._sync(welcome.run_id, welcome.config_yaml, welcome.sync, bulk_port)
-                self._unreported = None
                 self.link.send(P.STATE, iteration=self.replica.master.step, state_hash=self._current_hash())
                 result = self._loop(bulk_port)
             except Resync as why:

@@ -60,6 +60,16 @@ def stream_key(seed: int, tid: int) -> int:
     return _signed(splitmix64(splitmix64(seed & _MASK64) ^ tid))
 
 
+def _mix(z: torch.Tensor, t: torch.Tensor) -> None:
+    """SplitMix64's finaliser on int64 states ``z``, in place (``t``: scratch of the same shape)."""
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)   # logical shift = arithmetic shift + mask
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(_signed(mult))
+
+
 def _load_table() -> torch.Tensor:
     blob = TABLE_PATH.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
@@ -100,12 +110,7 @@ class NoiseSource:
         z, t = self._z[:m], self._t[:m]
         torch.add(self._counter[:m], h0, out=z)       # counter h+1, as SplitMix64 advances its state
         z.mul_(_signed(_GOLDEN)).add_(key)            # state = key + (h+1)·golden (wrapping)
-        for shift, mult in ((30, _C1), (27, _C2), (31, None)):
-            torch.bitwise_right_shift(z, shift, out=t)
-            t.bitwise_and_((1 << (64 - shift)) - 1)   # logical shift = arithmetic shift + mask
-            z.bitwise_xor_(t)
-            if mult is not None:
-                z.mul_(_signed(mult))
+        _mix(z, t)
         idx = self._idx[: 4 * m]
         idx.copy_(z.view(torch.int16))                # four 16-bit lanes per hash, little-endian
         idx.add_(1 << 15)
@@ -132,12 +137,7 @@ class NoiseSource:
         z = torch.repeat_interleave(keys, pack.hashes_per_tensor)     # each hash's stream key
         t = torch.empty_like(z)
         z.add_(pack.counters.mul(_signed(_GOLDEN)))                    # key + (h+1)·golden (wrapping)
-        for shift, mult in ((30, _C1), (27, _C2), (31, None)):
-            torch.bitwise_right_shift(z, shift, out=t)
-            t.bitwise_and_((1 << (64 - shift)) - 1)
-            z.bitwise_xor_(t)
-            if mult is not None:
-                z.mul_(_signed(mult))
+        _mix(z, t)
         idx = z.view(torch.int16).to(torch.int32)
         idx.add_(1 << 15)
         lanes = torch.index_select(self.table_q, 0, idx)
@@ -165,6 +165,7 @@ class NoisePack:
         self.tids = list(tids)
         self.sizes = list(sizes)
         hashes = [(n + 3) // 4 for n in sizes]
+        self.sizes_t = torch.tensor(self.sizes, dtype=torch.int64, device=device)
         self.hashes_per_tensor = torch.tensor(hashes, dtype=torch.int64, device=device)
         self.counters = torch.cat([torch.arange(1, h + 1, dtype=torch.int64) for h in hashes]).to(device)
         keep, lane0 = [], 0

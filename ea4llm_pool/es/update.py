@@ -115,14 +115,15 @@ def _update_pack(state, params, terms, scales, adam, noise) -> None:
     """The same arithmetic as ``_update_large``, element for element, on several tensors laid end
     to end: noise from ``q_packed``, per-element fp32 scales, then the results copied back."""
     dev = noise.device
+    cache = state.__dict__.setdefault("_pack_cache", {})
     key = tuple(p.name for p in params)
-    cache = state.__dict__.setdefault("_packs", {})
     if key not in cache:
-        pack = NoisePack([p.tid for p in params], [p.flat.numel() for p in params], dev)
-        per_elem = lambda values: torch.cat([torch.full((p.flat.numel(),), float(values(p)), dtype=torch.float32)
-                                             for p in params]).to(dev)
-        cache[key] = (pack, per_elem)
-    pack, per_elem = cache[key]
+        cache[key] = NoisePack([p.tid for p in params], [p.flat.numel() for p in params], dev)
+    pack = cache[key]
+
+    def per_element(values: list[float]) -> torch.Tensor:   # one exact fp32 constant per element
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.float32, device=dev), pack.sizes_t)
+
     n = pack.numel
     acc = torch.zeros(n, dtype=torch.int64, device=dev)
     q = torch.empty(n, dtype=torch.int32, device=dev)
@@ -133,13 +134,13 @@ def _update_pack(state, params, terms, scales, adam, noise) -> None:
         q64.mul_(w)
         acc.add_(q64)
     gg = acc.to(torch.float32)                       # int64 → fp32, one rounding
-    gg.mul_(per_elem(lambda p: scales[p.group]))     # exact fp32 scales, one per element
+    gg.mul_(per_element([float(scales[p.group]) for p in params]))
     theta = torch.cat([p.flat for p in params])
     m = v = lr = None
     if adam is not None:
         m = torch.cat([state.adam_m[p.name] for p in params])
         v = torch.cat([state.adam_v[p.name] for p in params])
-        lr = per_elem(lambda p: adam["lr_over_bc1"][p.group])
+        lr = per_element([float(adam["lr_over_bc1"][p.group]) for p in params])
     _step(theta, m, v, gg, torch.empty_like(gg), adam, lr)
     for p, off in zip(params, pack.offsets):
         k = p.flat.numel()
