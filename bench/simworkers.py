@@ -3,9 +3,9 @@
 ``run_simulated(endpoint, n, initial_hash, ...)`` opens ``n`` DEALER sockets to a real
 coordinator and speaks the real protocol on each, as ``ea4llm-pool worker`` does: HELLO, STATE
 after WELCOME, a RESULT for every LEASE at once (a made-up fitness, deterministic in the member
-seed), the state after every COMMIT (echoing the committed hash, as an honest worker would after
-applying it) carried by the next RESULT or sent as a STATE when no lease came with the commit,
-PING after a heartbeat of silence.
+seed), a state report after every COMMIT (the state the commit attests, echoing its hash as an
+honest worker would have computed it) carried by the next RESULT or sent as a STATE when no lease
+came with the commit, PING after a heartbeat of silence.
 No model is evaluated, so what remains is the coordinator's own cost and the bytes it exchanges.
 
 Run in its own process (``multiprocessing``) so the simulated side does not share the
@@ -28,7 +28,7 @@ def _fitness(seed: int, sign: int, count: int) -> float:
     return count * (-6.9 + 1e-3 * math.sin(seed * 1e-3) * sign)
 
 
-def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, throughput: float,
+def run_simulated(endpoint: str, n: int, initial_hash: str, selftest: dict, throughput: float,
                   result_queue, stop_after_s: float = 600.0) -> None:
     ctx = zmq.Context()
     socks = []
@@ -38,7 +38,7 @@ def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, through
         s.setsockopt(zmq.LINGER, 0)
         P.configure_socket_limits(s)
         s.connect(endpoint)
-        s.send(P.encode(P.HELLO, config_hash="", noise_digest=digest, device="sim", dtype="fp32", threads=1,
+        s.send(P.encode(P.HELLO, config_hash="", selftest=selftest, device="sim", dtype="fp32", threads=1,
                         throughput=throughput, worker_name=f"sim-{k}", pid=k, state_iteration=-1, state_hash=""))
         poller.register(s, zmq.POLLIN)
         socks.append(s)
@@ -76,7 +76,7 @@ def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, through
                 if msg.type == P.WELCOME:
                     heartbeat = msg.heartbeat_s
                     wid[s] = msg.worker_id
-                    step[s] = msg.sync["checkpoint_iteration"]
+                    step[s] = 0
                     send(s, P.STATE, iteration=step[s], state_hash=initial_hash)
                 elif msg.type == P.LEASE:
                     results = [{"member": u["member"], "sign": u["sign"], "count": len(u["indices"]),
@@ -93,7 +93,8 @@ def run_simulated(endpoint: str, n: int, initial_hash: str, digest: str, through
                         send(s, P.STATE, iteration=unreported[s][0], state_hash=unreported.pop(s)[1])
                     step[s] = rec["iteration"] + 1
                     counted["commits"] += 1
-                    unreported[s] = (step[s], rec["state_hash"])
+                    if rec.get("attest"):
+                        unreported[s] = (rec["attest"]["step"], rec["attest"]["state_hash"])
                 elif msg.type == P.END:
                     ended += 1
                 elif msg.type in (P.REJECT, P.ERROR):
@@ -117,11 +118,9 @@ def serve_with_simulated(coord, n: int, initial_hash: str, throughput: float = 1
     returns their counts (see :func:`run_simulated`)."""
     import multiprocessing as mp
 
-    from ea4llm_pool.worker import noise_digest
-
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    sim = ctx.Process(target=run_simulated, args=(coord.endpoint, n, initial_hash, noise_digest("cpu"),
+    sim = ctx.Process(target=run_simulated, args=(coord.endpoint, n, initial_hash, coord.selftest_ref,
                                                   throughput, q, stop_after_s))
     sim.start()
     try:

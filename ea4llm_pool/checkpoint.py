@@ -129,6 +129,18 @@ def weight_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_model_skeleton(ckpt: Path):
+    """The checkpoint's architecture in fp32, frozen in eval mode; the weights it loads are then
+    overwritten bit-exactly from the master (``load_master_into``)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    except Exception as err:  # transformers raises many types for a bad directory
+        raise UserError(f"cannot load model from {ckpt}: {str(err).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False)
+
+
 def load_master_into(ckpt: Path, master: MasterState) -> None:
     """Overwrite ``master`` with the checkpoint's exact bits (weights and optimizer moments)."""
     weights = weight_tensors(ckpt)

@@ -134,30 +134,32 @@ def _worker_cmd(endpoint: str, device: str, dtype: str, threads: int, cache: Pat
             "--dtype", dtype, "--threads", str(threads), "--cache", str(cache), "--name", name]
 
 
-def _run_pool(run, bind: str, workers: int, device: str, dtype: str, threads: int, shards: int) -> None:
+def _run_pool(cfg, out: Path, resume: bool, iterations, rt, shards: int) -> None:
     import torch
 
     from .coordinator import Coordinator
 
     torch.set_num_threads(1)
-    coord = Coordinator(run, bind, say=_say, shards=shards)
-    _say(run.banner(f"{workers} local worker process{'es' if workers != 1 else ''} on {device} ({dtype})"))
+    workers = rt.workers
+    desc = f"{workers} local worker process{'es' if workers != 1 else ''} on {rt.device} ({rt.dtype})"
+    coord = Coordinator(cfg, out, "tcp://127.0.0.1:0", resume=resume, iterations=iterations, shards=shards,
+                        device=rt.device, threads=max(1, rt.threads), say=_say, banner_workers=desc)
+    _say(coord.banner)
+    _say_yardsticks(out, final=False)
     _say(f"coordinator listening on {coord.endpoint}; more workers can join with:\n  {coord.join_command()}")
     procs = []
-    logs = run.out / "logs"
+    logs = out / "logs"
     logs.mkdir(exist_ok=True)
     for k in range(workers):
         fh = open(logs / f"worker-{k}.log", "a")
-        procs.append(subprocess.Popen(_worker_cmd(coord.endpoint, device, dtype, threads,
-                                                  run.out / "worker-cache" / f"local-{k}", f"local-{k}"),
+        procs.append(subprocess.Popen(_worker_cmd(coord.endpoint, rt.device, rt.dtype, rt.threads,
+                                                  out / "worker-cache" / f"local-{k}", f"local-{k}"),
                                       stdout=fh, stderr=subprocess.STDOUT))
     stop = _stop_on_signals()
-    progress = Progress(run.cfg.run.iterations, run.step)
+    progress = Progress(coord.cfg.run.iterations, coord.step)
     coord.progress = progress
-    if run.step == 0:
-        progress(run.report_start())
     try:
-        coord.serve(stop=lambda: stop["flag"] or any(p.poll() is not None for p in procs) and _all_dead(procs))
+        coord.serve(stop=lambda: stop["flag"] or _all_dead(procs))
     finally:
         stop["restore"]()
         progress.close()
@@ -166,9 +168,9 @@ def _run_pool(run, bind: str, workers: int, device: str, dtype: str, threads: in
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.terminate()
-    if (not stop["flag"] and run.step < run.cfg.run.iterations
-            and all(p.poll() is not None and p.returncode not in (0, None) for p in procs)):
+    if not stop["flag"] and coord.step < coord.cfg.run.iterations and _all_dead(procs):
         raise UserError(f"all local workers exited early; see {logs}/worker-*.log")
+    _finish_message(out, coord.final["step"], coord.cfg.run.iterations, coord.final["state_hash"])
 
 
 def _stop_on_signals() -> dict:
@@ -184,18 +186,26 @@ def _all_dead(procs) -> bool:
     return all(p.poll() is not None for p in procs)
 
 
-def _finish_message(run) -> None:
+def _say_yardsticks(out, final: bool) -> None:
+    from .yardsticks import run_dir_lines
+
+    for line in run_dir_lines(out, final):
+        _say(line)
+
+
+def _finish_message(out: Path, step: int, iterations: int, state_hash: str) -> None:
     from .checkpoint import list_checkpoints
 
-    ck = list_checkpoints(run.out)
-    if run.step < run.cfg.run.iterations:
-        _say(f"stopped at iteration {run.step} of {run.cfg.run.iterations}, state hash {run.state_hash}; "
-             f"continue with: ea4llm-pool train --resume --out {run.out}")
+    ck = list_checkpoints(out)
+    if step < iterations:
+        _say(f"stopped at iteration {step} of {iterations}, state hash {state_hash}; "
+             f"continue with: ea4llm-pool train --resume --out {out}")
     else:
-        _say(f"done: {run.step} iterations, state hash {run.state_hash}")
+        _say(f"done: {step} iterations, state hash {state_hash}")
+    _say_yardsticks(out, final=True)
     if ck:
         _say(f"checkpoint: {ck[-1][1]}  (AutoModelForCausalLM.from_pretrained loads it)")
-    _say(f"metrics: {run.out / 'metrics.jsonl'}  loss curve: {run.out / 'loss.png'}")
+    _say(f"metrics: {out / 'metrics.jsonl'}  loss curve: {out / 'loss.png'}")
 
 
 @cli.command()
@@ -212,60 +222,63 @@ def _finish_message(run) -> None:
 @guarded
 def train(config, out, iterations, workers, device, dtype, threads, shards, resume, overrides):
     """Train on this machine: a coordinator and local worker processes (the same code as a lab pool)."""
-    from .run import Run
-
-    cfg = None
-    if not resume:
-        cfg = _load_cfg(config, overrides)
-        for key, val in (("device", device), ("dtype", dtype), ("threads", threads), ("workers", workers)):
-            if val is not None:
-                setattr(cfg.runtime, key, val)
-    elif out is None:
-        raise UserError("--resume needs --out (the run directory to continue)")
-    out = Path(out) if out else _default_out(config)
+    from .config import load as load_config
     from .replica import resolve_device
 
-    if cfg is not None:  # before Run: a bad device must not leave a half-made run directory behind
-        resolve_device(cfg.runtime.device)
-    run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
-    rt = run.cfg.runtime
+    local = {"device": device, "dtype": dtype, "threads": threads, "workers": workers}
     if resume:
-        for key, val in (("device", device), ("dtype", dtype), ("threads", threads), ("workers", workers)):
-            if val is not None:
-                setattr(rt, key, val)
-    resolve_device(rt.device)
+        if out is None:
+            raise UserError("--resume needs --out (the run directory to continue)")
+        if not (Path(out) / "config.yaml").is_file():
+            raise UserError(f"--resume: {out} holds no run (no config.yaml)")
+        cfg, rt = None, load_config(Path(out) / "config.yaml").runtime
+    else:
+        cfg = _load_cfg(config, overrides)
+        rt = cfg.runtime
+    for key, val in local.items():
+        if val is not None:
+            setattr(rt, key, val)
+    out = Path(out) if out else _default_out(config)
+    resolve_device(rt.device)  # before anything: a bad device must not leave a half-made run directory
+    if rt.workers > 0:
+        _run_pool(cfg, out, resume, iterations, rt, shards)
+        return
+    _train_inprocess(cfg, out, resume, iterations, rt)
+
+
+def _train_inprocess(cfg, out: Path, resume: bool, iterations, rt) -> None:
+    """``--workers 0``: the run's replica and an evaluation replica in this one process."""
+    import torch
+
+    from .checkpoint import list_checkpoints, load_master_into, load_model_skeleton
+    from .local import train_inprocess
+    from .replay import replay as replay_commits
+    from .replica import Replica
+    from .run import Run
+
+    run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
     run.open_reporter()
     try:
-        if rt.workers == 0:
-            import torch
-
-            from .local import train_inprocess
-            from .replica import Replica
-            from .run import load_model_skeleton
-            from .checkpoint import list_checkpoints, load_master_into
-
-            if rt.threads:
-                torch.set_num_threads(rt.threads)
-            ckpt = list_checkpoints(run.out)[-1][1]
-            rep = Replica(load_model_skeleton(ckpt), run.cfg.es, rt.device, rt.dtype, rt.chunk_elements)
-            load_master_into(ckpt, rep.master)
-            for rec in run.log.records(rep.master.step):
-                rep.apply(rec)
-            _say(run.banner(f"in-process on {rt.device} ({rt.dtype})"))
-            progress = Progress(run.cfg.run.iterations, run.step)
-            if run.step == 0:
-                progress(run.report_start())
-            stop = _stop_on_signals()
-            try:
-                train_inprocess(run, rep, progress, stop=lambda: stop["flag"])
-            finally:
-                stop["restore"]()
-                progress.close()
-        else:
-            _run_pool(run, "tcp://127.0.0.1:0", rt.workers, rt.device, rt.dtype, rt.threads, shards)
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        ckpt = list_checkpoints(run.out)[-1][1]
+        rep = Replica(load_model_skeleton(ckpt), run.cfg.es, rt.device, rt.dtype, rt.chunk_elements, rt.compile)
+        load_master_into(ckpt, rep.master)
+        replay_commits(rep, run.log.records(rep.master.step), {rep.master.step: rep.state_hash()})
+        _say(run.banner(f"in-process on {rt.device} ({rt.dtype})"))
+        _say_yardsticks(run.out, final=False)
+        progress = Progress(run.cfg.run.iterations, run.step)
+        if run.step == 0:
+            progress(run.report_start())
+        stop = _stop_on_signals()
+        try:
+            train_inprocess(run, rep, progress, stop=lambda: stop["flag"])
+        finally:
+            stop["restore"]()
+            progress.close()
     finally:
         run.reporter.close()
-    _finish_message(run)
+    _finish_message(run.out, run.step, run.cfg.run.iterations, run.state_hash)
 
 
 @cli.command()
@@ -275,34 +288,33 @@ def train(config, out, iterations, workers, device, dtype, threads, shards, resu
 @click.option("--iterations", type=click.IntRange(min=1), help="override run.iterations")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True, help="data shards per member")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint and log")
+@click.option("--device", default="cpu", show_default=True,
+              help="device of the reference replica (held-out loss, checkpoints): cpu, cuda:N, mps")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads of the reference replica (0 = up to 4)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key")
 @guarded
-def coordinator(config, out, bind, iterations, shards, resume, overrides):
+def coordinator(config, out, bind, iterations, shards, resume, device, threads, overrides):
     """Own a run and hand out work to workers that connect (any device, any machine)."""
-    import torch
-
     from .coordinator import Coordinator, check_bind
-    from .run import Run
+    from .replica import resolve_device
 
     cfg = None if resume else _load_cfg(config, overrides)
     check_bind(bind)  # before the run directory is made
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    run = Run(cfg, out, resume=resume, iterations=iterations, say=_say)
-    run.open_reporter()
-    coord = Coordinator(run, bind, say=_say, shards=shards)
-    _say(run.banner("pool"))
+    resolve_device(device)
+    coord = Coordinator(cfg, out, bind, resume=resume, iterations=iterations, shards=shards, device=device,
+                        threads=threads or max(1, min(4, os.cpu_count() or 1)), say=_say)
+    _say(coord.banner)
+    _say_yardsticks(out, final=False)
     _say(f"coordinator listening on {coord.endpoint}; workers join with:\n  {coord.join_command()}")
     stop = _stop_on_signals()
-    progress = Progress(run.cfg.run.iterations, run.step)
+    progress = Progress(coord.cfg.run.iterations, coord.step)
     coord.progress = progress
-    if run.step == 0:
-        progress(run.report_start())
     try:
         coord.serve(stop=lambda: stop["flag"])
     finally:
+        stop["restore"]()
         progress.close()
-        run.reporter.close()
-    _finish_message(run)
+    _finish_message(Path(out), coord.final["step"], coord.cfg.run.iterations, coord.final["state_hash"])
 
 
 @cli.command()
@@ -379,8 +391,8 @@ def status(connect, timeout, as_json):
 def _load_checkpoint_replica(path: str, device: str = "cpu", dtype: str = "fp32"):
     from .checkpoint import load_master_into, read_meta, resolve
     from .config import load
+    from .checkpoint import load_model_skeleton
     from .replica import Replica
-    from .run import load_model_skeleton
 
     ckpt = resolve(path)
     meta = read_meta(ckpt)
@@ -388,7 +400,7 @@ def _load_checkpoint_replica(path: str, device: str = "cpu", dtype: str = "fp32"
     cfg = load(cfg_path) if cfg_path.is_file() else load()
     model = load_model_skeleton(ckpt)
     cfg.es.optimizer = meta.get("optimizer", cfg.es.optimizer)
-    rep = Replica(model, cfg.es, device, dtype)
+    rep = Replica(model, cfg.es, device, dtype, compile=cfg.runtime.compile)
     load_master_into(ckpt, rep.master)
     return ckpt, meta, cfg, rep
 
@@ -450,15 +462,9 @@ def replay(run_dir, to, save):
         raise UserError(f"{root} has no checkpoint at or before iteration {target}")
     ckpt_step, ckpt = found[-1]
     ckpt, meta, cfg, rep = _load_checkpoint_replica(str(ckpt))
-    n = 0
-    for rec in log.records(ckpt_step):
-        if rec["iteration"] >= target:
-            break
-        rep.apply(rec)
-        n += 1
-        if rep.state_hash() != rec["state_hash"]:
-            raise UserError(f"replay diverged at iteration {rec['iteration'] + 1}: the log says "
-                            f"{rec['state_hash']}, this machine computes {rep.state_hash()}")
+    from .replay import replay as replay_commits
+
+    n = replay_commits(rep, log.records(ckpt_step), {rep.master.step: rep.state_hash()}, to_step=target)
     click.echo(f"replayed {ckpt.name} + {n} commits → iteration {rep.master.step}")
     click.echo(f"state hash {rep.state_hash()}")
     if save:
@@ -480,6 +486,30 @@ def hash_cmd(ckpt):
     click.echo(h)
     if meta.get("state_hash") and meta["state_hash"] != h:
         _fail(f"{path}: weights hash to {h}, but {meta['state_hash']} is recorded beside them", 1)
+
+
+# --------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="experiment YAML (default: configs/experiment.yaml)")
+@click.option("--budget", help="per method: forward tokens (4M, 500k, 4000000) or minutes (3min)")
+@click.option("--out", type=click.Path(file_okay=False), help="experiment directory (default: runs/experiment)")
+@click.option("--only", multiple=True, metavar="NAME", help="run only these methods (repeat, or a,b,c); "
+              "in an existing experiment without --resume they are re-run from scratch")
+@click.option("--resume", is_flag=True, help="continue the experiment in --out (finished methods are kept)")
+@click.option("--parallel", type=click.IntRange(min=1), help="methods run side by side (default: the config's)")
+@click.option("--workers", type=click.IntRange(min=0), help="ES methods through `train --workers K` (0 = in-process)")
+@guarded
+def experiment(config, budget, out, only, resume, parallel, workers):
+    """Run the paper's variants, the default, AdamW, MeZO and the extra options on one init, data and budget."""
+    from .experiment import parse_budget, run_experiment
+
+    if budget is not None:
+        parse_budget(budget)  # a bad budget fails before anything is made
+    if resume and out is None:
+        raise UserError("--resume needs --out (the experiment directory to continue)")
+    out = Path(out) if out else _default_out("experiment")
+    run_experiment(config, budget, out, tuple(only), resume, parallel, workers, say=_say)
 
 
 def main():

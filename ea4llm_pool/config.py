@@ -98,11 +98,25 @@ class ESCfg(_Section):
     group_alpha: GroupMultipliers = Field(default_factory=GroupMultipliers, description="alpha_g per group")
     group_sigma: GroupMultipliers = Field(default_factory=GroupMultipliers, description="sigma_g per group")
     schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
+    # Beyond the paper (each off by default, so the defaults above keep the paper's estimator).
+    pairing: Literal["signed", "paired"] = Field(
+        "signed", description="antithetic shaping: signed = shape s_j*r_j together (paper Eq. 10); paired = "
+                              "shape all raw rewards together, weight seed k by w(r+k) - w(r-k) (OpenAI ES)")
+    alpha_warmup: int = Field(0, ge=0, description="iterations of linear alpha warm-up: alpha_t *= (t+1)/alpha_warmup")
+    alpha_decay: Literal["none", "linear", "cosine"] = Field(
+        "none", description="alpha decay after the warm-up, down to alpha_decay_floor*alpha at alpha_decay_end")
+    alpha_decay_end: int = Field(0, ge=0, description="iteration where the decay reaches its floor (stays there)")
+    alpha_decay_floor: float = Field(0.1, ge=0, le=1, description="alpha at the end of the decay, as a fraction of alpha")
 
     @model_validator(mode="after")
     def _check(self) -> "ESCfg":
         if self.antithetic and self.population % 2:
             raise ValueError(f"population must be even with antithetic sampling (got {self.population})")
+        if self.pairing == "paired" and not self.antithetic:
+            raise ValueError("pairing 'paired' weights antithetic pairs: it needs antithetic: true")
+        if self.alpha_decay != "none" and self.alpha_decay_end <= self.alpha_warmup:
+            raise ValueError(f"alpha_decay {self.alpha_decay} needs alpha_decay_end (iteration) > alpha_warmup "
+                             f"(got {self.alpha_decay_end} <= {self.alpha_warmup})")
         return self
 
 
@@ -111,14 +125,25 @@ class RuntimeCfg(_Section):
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="evaluation dtype of the working copy")
     threads: int = Field(1, ge=0, description="torch threads per local worker (0 = torch default)")
     workers: int = Field(2, ge=0, description="local worker processes started by `train` (0 = evaluate in-process)")
-    chunk_elements: int = Field(1 << 18, ge=1024, description="noise/update chunk (elements) for huge tensors")
+    chunk_elements: int = Field(0, ge=0, description="noise/update chunk (elements) for huge tensors; "
+                                "0 = the device's default (CPU 2^18, CUDA 2^24), else >= 1024")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="compiled integer noise/update kernels (same bits): auto = for models of "
+                            ">= 20M parameters when the compiler works; a failed compile falls back to eager")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RuntimeCfg":
+        if 0 < self.chunk_elements < 1024:
+            raise ValueError(f"chunk_elements must be 0 (device default) or >= 1024 (got {self.chunk_elements})")
+        return self
 
 
 class PoolCfg(_Section):
     bind: str = Field("tcp://127.0.0.1:0", description="coordinator control socket (port 0 = pick a free one)")
     heartbeat_s: float = Field(1.0, gt=0, description="worker ping interval (s)")
     worker_timeout_s: float = Field(10.0, gt=0, description="silence after which a worker is dropped (s)")
-    lease_s: float = Field(60.0, gt=0, description="lease expiry for a work unit (s)")
+    lease_s: float = Field(10.0, gt=0, description="shortest lease expiry (s); a lease lasts 3x its expected "
+                           "duration (measured throughput, model size, commits to catch up) + 5 s")
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of antithetic pairs needed to close an iteration")
 
 

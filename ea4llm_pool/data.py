@@ -7,7 +7,7 @@ a fully specified random stream, identical on every platform and numpy version.
     texts = load_texts(cfg)                            # lines (files, pydoc) or rows (datasets)
     train, heldout = prepare_samples(cfg, tok, texts)  # SampleSet: int64 [n, seq_len] ids + mask
     idx = subset_indices(len(train), cfg.es.samples_per_iteration, cfg.run.seed, t)
-    ids, mask = train.batch(idx)
+    ids, mask = train.batch(idx)                       # padding past the longest sample cut
 """
 
 from __future__ import annotations
@@ -123,9 +123,19 @@ class SampleSet:
         return self.input_ids.shape[1]
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) int64 CPU tensors for ``indices``, in the order given (fresh copies)."""
+        """(ids, mask) int64 CPU tensors for ``indices``, in the order given (fresh copies).
+
+        Columns past the longest sample of the batch are cut: they hold only padding, which a
+        causal model never attends to from a real position and the fitness mask never scores, so
+        each sample's fitness is unchanged (up to the last fp32 bit: kernels of another width may
+        round differently) while the forward pass skips the padded width.
+        """
         idx = np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(self.input_ids[idx]), torch.from_numpy(self.mask[idx])
+        mask = self.mask[idx]
+        real = np.flatnonzero(mask.any(axis=0))
+        width = int(real[-1]) + 1 if real.size else self.seq_len
+        ids = np.ascontiguousarray(self.input_ids[idx, :width])
+        return torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(mask[:, :width]))
 
     def digest(self) -> str:
         """sha256 of shape + ids + mask as little-endian int64: equal on every platform."""

@@ -57,6 +57,7 @@ class Link(threading.Thread):
         self.busy = False
         self.done_units = 0
         self.throughput = 0.0
+        self.update_s = 0.0
         self.last_heard = time.monotonic()
         self.lost_reported = False
 
@@ -127,7 +128,8 @@ class Link(threading.Thread):
                     if self.worker_id is not None:
                         sock.send(P.encode(P.PING, worker_id=self.worker_id, iteration=self.iteration,
                                            state_hash=self.state_hash, busy=self.busy,
-                                           done_units=self.done_units, throughput=float(self.throughput)))
+                                           done_units=self.done_units, throughput=float(self.throughput),
+                                           update_s=float(self.update_s)))
                 if not self.lost_reported and now - self.last_heard > self.silence_s:
                     self.lost_reported = True
                     self.inbox.put(LOST)

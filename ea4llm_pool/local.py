@@ -28,7 +28,7 @@ def train_inprocess(run: Run, replica: Replica, progress=None, stop=None) -> dic
             rewards.append(s / c)
         record = run.close(plan, rewards)
         replica.apply(record)
-        if replica.state_hash() != record["state_hash"]:
+        if replica.state_hash() != run.state_hash:
             raise RuntimeError("local replica diverged from the coordinator's state")
         tokens = int(mask.sum().item()) * len(plan.members)
         line = run.report(record, time.perf_counter() - t0, tokens)

@@ -40,8 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(_COMMON, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                   max_position_embeddings=4096),
-    # The paper's Appendix A.4, verbatim (837,434,880 parameters at vocab 151,936).
-    # vocab_size here is Qwen3's padded embedding size; it is kept whenever the tokenizer fits in it.
+    # The paper's Appendix A.4 (837,434,880 parameters at its vocab of 151,936). vocab_size is
+    # Qwen3's padded embedding; a built model is sized to the run's tokenizer instead (see
+    # preset_config), so with the offline 1,024-token BPE it has 605,634,048 parameters.
     "paper-1b": dict(_COMMON, vocab_size=151_936, hidden_size=1536, intermediate_size=4096,
                      num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
                      head_dim=128, max_position_embeddings=32_768),
@@ -52,24 +53,54 @@ _OVERRIDES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings")
 
 
-def preset_config(cfg: Config, vocab_size: int, pad_token_id: Optional[int]) -> Qwen3Config:
-    """The Qwen3Config of ``cfg.model.preset`` with the non-None overrides of ``cfg.model`` applied.
-
-    Separate from build_model so a caller (or a test) can size a model, or build it on the meta
-    device, without allocating its weights.
-    """
+def _preset_kwargs(cfg: Config) -> dict[str, Any]:
     m = cfg.model
     if m.preset is None:
         raise UserError("model: set model.preset or model.name_or_path")
     kwargs = dict(PRESETS[m.preset])
     kwargs.update({k: getattr(m, k) for k in _OVERRIDES if getattr(m, k) is not None})
-    # The tokenizer decides the vocabulary; a preset that names a larger one (paper-1b) keeps it,
-    # so the paper's configuration is reproduced exactly with a Qwen3 tokenizer (151,669 tokens).
-    kwargs["vocab_size"] = max(vocab_size, kwargs.get("vocab_size", 0))
+    return kwargs
+
+
+def preset_config(cfg: Config, vocab_size: int, pad_token_id: Optional[int]) -> Qwen3Config:
+    """The Qwen3Config of ``cfg.model.preset`` with the non-None overrides of ``cfg.model`` applied
+    and the vocabulary sized to the tokenizer's ``vocab_size``.
+
+    Separate from build_model so a caller (or a test) can size a model, or build it on the meta
+    device, without allocating its weights.
+    """
+    kwargs = _preset_kwargs(cfg)
+    # Embedding rows past the tokenizer are never looked up, yet ES would perturb and update them
+    # every iteration (232M of paper-1b's 837M with a 1,024-token BPE), so the tokenizer decides.
+    kwargs["vocab_size"] = vocab_size
     if kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
         raise UserError(f"model: num_attention_heads ({kwargs['num_attention_heads']}) must be a multiple "
                         f"of num_key_value_heads ({kwargs['num_key_value_heads']})")
     return Qwen3Config(pad_token_id=pad_token_id, **kwargs)
+
+
+def _short_count(n: int) -> str:
+    for div, unit in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if n >= div:
+            value = n / div
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return str(n)
+
+
+def vocab_note(cfg: Config, model_vocab: int, tokenizer_vocab: int) -> str:
+    """One banner phrase on where the model's vocabulary size comes from, e.g. "vocab 1,024 (sized
+    to the tokenizer; the paper-1b preset's 151,936 would add 232M unused parameters)"."""
+    m = cfg.model
+    if m.name_or_path:
+        extra = f"; the tokenizer uses {tokenizer_vocab:,}" if tokenizer_vocab < model_vocab else ""
+        return f"vocab {model_vocab:,} (the model's own{extra})"
+    kwargs = _preset_kwargs(cfg)
+    named = kwargs.get("vocab_size")
+    if named is None or named <= model_vocab:
+        return f"vocab {model_vocab:,} (sized to the tokenizer)"
+    unused = (named - model_vocab) * kwargs["hidden_size"] * (1 if kwargs["tie_word_embeddings"] else 2)
+    return (f"vocab {model_vocab:,} (sized to the tokenizer; the {m.preset} preset's {named:,} "
+            f"would add {_short_count(unused)} unused parameters)")
 
 
 def _one_line(err: BaseException) -> str:

@@ -4,69 +4,86 @@ One msgpack map per ZeroMQ frame::
 
     {"v": PROTOCOL_VERSION, "type": "<MESSAGE TYPE>", <field>: <value>, ...}
 
-``encode(msg_type, **fields) -> bytes`` and ``decode(frame) -> Message`` check every message
-against the table below on *both* sides: required fields present, no undeclared field, every
-value of the declared type (recursively for lists and sub-maps). A frame that fails any check
-raises :class:`ProtocolError` with a one-line reason; a frame from a peer speaking another
-protocol version raises :class:`VersionMismatch` (a ``ProtocolError``) naming both versions.
-Decoding uses ``msgpack.unpackb(raw=False, strict_map_key=True)`` with size limits and no
-extension types: nothing on the wire is ever executed, unpickled or evaluated.
+Each message type is a pydantic model below (``SCHEMAS`` maps type names to them).
+``encode(msg_type, **fields) -> bytes`` and ``decode(frame) -> Message`` validate every message
+against its model on *both* sides: required fields present, no undeclared field, every value of
+the declared type, recursively. Types are strict: no str→int or int→bool coercion, a bool is not
+an int; an int is accepted for a float (and becomes one). Every list has a bound. A frame that
+fails any check raises :class:`ProtocolError` with a one-line reason; a frame from a peer
+speaking another protocol version raises :class:`VersionMismatch` (a ``ProtocolError``) naming
+both versions. Decoding uses ``msgpack.unpackb(raw=False, strict_map_key=True)`` with size
+limits and no extension types: nothing on the wire is ever executed, unpickled or evaluated.
 
-This module depends on msgpack only (``zmq`` is imported lazily by
+This module depends on msgpack and pydantic only (``zmq`` is imported lazily by
 :func:`configure_socket_limits`). Routing (ROUTER identity frames) is the caller's business: a
 message here is exactly one payload frame.
 
 Message table (c = coordinator, w = worker, any = any client such as ``ea4llm-pool status``).
-Types: int, float (ints accepted and converted), str, bytes, bool, map (str keys, plain values),
-list[...], {...} (a sub-map with fixed keys); ``?`` marks an optional field (absent → None).
+Types: int, float (ints accepted and converted; a float with a bound is also finite), str,
+bytes, bool, map (str keys, plain values: None, bool, int, float, str, bytes, lists and maps,
+at most MAX_DEPTH deep), list[...] (≤ n entries), {...} (a sub-map with fixed keys; ``...``: more
+plain keys allowed); ``?`` marks an optional field (absent → None; ``encode`` drops an optional
+field given as None).
 
 =============  =====  ==========================================================================
 type           dir    fields
 =============  =====  ==========================================================================
-HELLO          w→c    config_hash:str, noise_digest:str, device:str, dtype:str, threads:int≥1,
-                      throughput:float (samples/s estimate), worker_name:str, pid:int≥0,
+HELLO          w→c    config_hash:str, selftest:map[str,str] (≤ MAX_SELFTEST; device self-test
+                      part → digest), device:str, dtype:str, threads:int≥1,
+                      throughput:float≥0 (samples/s estimate), worker_name:str, pid:int≥0,
                       state_iteration:int≥-1 (-1 = no state), state_hash:str ("" = none)
-WELCOME        c→w    worker_id:str, run_id:str, config_yaml:str, sync:SYNC, heartbeat_s:float>0,
-                      ?bulk_port:int (the bulk channel's port on the coordinator's host)
+WELCOME        c→w    worker_id:str, run_id:str, config_yaml:str, heartbeat_s:float>0,
+                      bulk_port:int 0..65535 (the bulk channel's port on the coordinator's host),
+                      keep_state:bool (true: the worker's reported state is verified; it only
+                      needs log records from its own step on), model_params:int≥0
 REJECT         c→w    reason:str  (the worker prints it and exits)
 PING           w→c    worker_id:str, iteration:int≥-1, state_hash:str, busy:bool, done_units:int≥0,
-                      ?throughput:float
+                      ?throughput:float≥0, ?update_s:float≥0 (time the last commit took to apply)
 PONG           c→w    iteration:int≥-1, ?state_hash:str
-LEASE          c→w    lease_id:str, iteration:int≥0, alpha:float, sigma:float,
-                      units:list[{member:int≥0, seed:int≥0, sign:±1, indices:list[int≥0]}],
+LEASE          c→w    lease_id:str, iteration:int≥0, alpha:float (finite), sigma:float (finite),
+                      units:list[{member:int≥0, seed:int≥0, sign:±1,
+                                  indices:list[int≥0] (≤ MAX_INDICES)}] (≤ MAX_UNITS),
                       expires_s:float>0
 RESULT         w→c    lease_id:str, iteration:int≥0,
-                      results:list[{member:int≥0, sign:±1, sum_r:float, count:int≥0}],
-                      eval_s:float≥0, ?error:str (the lease could not be evaluated; re-queue it),
-                      ?state_iteration:int≥-1, ?state_hash:str (a STATE report carried along)
-COMMIT         c→w    record:map with at least {iteration:int≥0, state_hash:str}
-STATE          w→c    iteration:int≥-1, state_hash:str  (after a sync, or after a COMMIT when no
-                      RESULT is about to carry the report)
-RESYNC         c→w    reason:str, sync:SYNC
+                      results:list[{member:int≥0, sign:±1, sum_r:float (NaN/±inf allowed: ranked
+                      worst), count:int≥0}] (≤ MAX_UNITS),
+                      eval_s:float≥0, ?error:str (the lease could not be evaluated; re-lease it),
+                      ?state_iteration:int≥-1, ?state_hash:str (a STATE report carried along),
+                      ?update_s:float≥0
+COMMIT         c→w    record:RECORD
+STATE          w→c    iteration:int≥-1 (a step: commits applied), state_hash:str
+RESYNC         c→w    reason:str  (your state is wrong or behind: sync again over the bulk channel)
+SYNC_REQ       w→c    have_step:int≥-1, have_hash:str                         (bulk channel)
+SYNC_OFFER     c→w    checkpoint_iteration:int≥0,                             (bulk channel)
+                      files:list[[name:str, size:int≥0, sha256:str]] (≤ MAX_FILES),
+                      log_from:int≥0 (first COMMIT iteration to replay after the checkpoint)
 FETCH          w→c    name:str, offset:int≥0, length:int 1..CHUNK_SIZE        (bulk channel)
 CHUNK          c→w    name:str, offset:int≥0, data:bytes (≤ CHUNK_SIZE), eof:bool (bulk channel)
 LOG_FETCH      w→c    from_iteration:int≥0, ?max_records:int≥1                (bulk channel)
-LOG_RECORDS    c→w    records:list[map], last:bool                            (bulk channel)
+LOG_RECORDS    c→w    records:list[RECORD] (≤ LOG_BATCH), last:bool           (bulk channel)
 BYE            w→c    worker_id:str, reason:str
 END            c→w    reason:str, final_iteration:int≥-1, final_hash:str
 STATUS_REQ     any→c  (no fields)
 STATUS         c→any  snapshot:map
-ERROR          c→any  code:str, reason:str  (a request that cannot be served; codes in ERROR_CODES)
+ERROR          c→any  code:str, reason:str, ?retry_s:float≥0  (a request that cannot be served;
+                      codes in ERROR_CODES; with "busy": retry after retry_s seconds)
 =============  =====  ==========================================================================
 
-SYNC = {checkpoint_iteration:int≥-1 (-1 = none: build the initial model from the config),
-        files:list[[name:str, size:int≥0, sha256:str]] (files of that checkpoint, fetch by name),
-        log_from:int≥0 (first COMMIT iteration to replay after the checkpoint)}
+RECORD = {iteration:int≥0, ?attest:{step:int≥0, state_hash:str}|null, ...plain keys}
+         (a run-log COMMIT record; attest: a replica's state hash after that step)
 
-:func:`schema_table` renders the live table from the schemas themselves.
+:func:`schema_table` renders the live table from the models themselves.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterator, Mapping
+from typing import Annotated, Any, ClassVar, Iterator, Mapping, Optional
 
 import msgpack
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, Strict,
+                      ValidationError, WithJsonSchema)
+from pydantic_core import PydanticCustomError
+from typing_extensions import NotRequired, TypedDict  # pydantic's own dependency
 
 from . import UserError, __version__
 
@@ -74,7 +91,7 @@ from . import UserError, __version__
 # Constants
 # --------------------------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bump on any incompatible change to the table; peers with different versions refuse each other."""
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -83,11 +100,26 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 """Largest payload of one CHUNK (and largest FETCH length) on the bulk channel."""
 
+MAX_UNITS = 4096
+"""Most units in one LEASE (and results in one RESULT)."""
+
+MAX_INDICES = 1 << 20
+"""Most sample indices in one unit."""
+
+LOG_BATCH = 256
+"""Most run-log records in one LOG_RECORDS."""
+
+MAX_FILES = 64
+"""Most files in one SYNC_OFFER."""
+
+MAX_SELFTEST = 32
+"""Most entries in HELLO.selftest."""
+
 MAX_CONTAINER_LEN = 1 << 22
 """Largest msgpack array accepted by the decoder (entries)."""
 
 MAX_MAP_LEN = 1 << 16
-"""Largest msgpack map accepted by the decoder (keys)."""
+"""Largest msgpack map accepted by the decoder (keys), and by free-form maps on encode."""
 
 MAX_DEPTH = 32
 """Deepest nesting accepted inside free-form maps (COMMIT.record, STATUS.snapshot, ...)."""
@@ -97,7 +129,7 @@ DEFAULT_LINGER_MS = 1000
 
 ERROR_CODES = ("unknown_worker", "bad_request", "not_found", "busy")
 """Codes of ERROR: unknown_worker → send HELLO again; bad_request/not_found → fatal for that
-request; busy → retry the request after a back-off."""
+request; busy → retry the request after ERROR.retry_s (or a back-off)."""
 
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 64) - 1  # msgpack's integer range: int64 ∪ uint64
@@ -113,6 +145,8 @@ RESULT = "RESULT"
 COMMIT = "COMMIT"
 STATE = "STATE"
 RESYNC = "RESYNC"
+SYNC_REQ = "SYNC_REQ"
+SYNC_OFFER = "SYNC_OFFER"
 FETCH = "FETCH"
 CHUNK = "CHUNK"
 LOG_FETCH = "LOG_FETCH"
@@ -159,331 +193,379 @@ def _tname(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Schema language
+# Field types
 # --------------------------------------------------------------------------------------------
 
-class Spec:
-    """A field type. ``check(value, path)`` returns the normalised value or raises ProtocolError."""
-
-    def check(self, value: Any, path: str) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def describe(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class Int(Spec):
-    def __init__(self, min: int = INT_MIN, max: int = INT_MAX):
-        self.min, self.max = min, max
-
-    def check(self, value, path):
-        if type(value) is not int:  # rejects bool too
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = int(value)  # int subclasses (IntEnum) travel as plain ints
-            else:
-                raise ProtocolError(f"{path}: expected int, got {_tname(value)}")
-        if value < self.min or value > self.max:
-            raise ProtocolError(f"{path}: {_short(value)} is outside [{self.min}, {self.max}]")
-        return value
-
-    def describe(self):
-        if self.min == INT_MIN and self.max == INT_MAX:
-            return "int"
-        if self.max == INT_MAX:
-            return f"int≥{self.min}"
-        return f"int {self.min}..{self.max}"
-
-
-class Float(Spec):
-    def __init__(self, min: float | None = None, exclusive_min: bool = False, finite: bool = False):
-        self.min, self.exclusive_min, self.finite = min, exclusive_min, finite
-
-    def check(self, value, path):
-        if isinstance(value, bool) or not isinstance(value, (float, int)):
-            raise ProtocolError(f"{path}: expected float, got {_tname(value)}")
-        value = float(value)
-        if (self.finite or self.min is not None) and not math.isfinite(value):
-            raise ProtocolError(f"{path}: expected a finite float, got {value!r}")
-        if self.min is not None:
-            if value < self.min or (self.exclusive_min and value == self.min):
-                op = ">" if self.exclusive_min else "≥"
-                raise ProtocolError(f"{path}: expected float {op} {self.min}, got {value!r}")
-        return value
-
-    def describe(self):
-        if self.min is None:
-            return "float" + (" (finite)" if self.finite else "")
-        return f"float{'>' if self.exclusive_min else '≥'}{self.min:g}"
-
-
-class Str(Spec):
-    def check(self, value, path):
-        if not isinstance(value, str):
-            raise ProtocolError(f"{path}: expected str, got {_tname(value)}")
-        return str(value)
-
-    def describe(self):
-        return "str"
-
-
-class Bytes(Spec):
-    def __init__(self, max_len: int | None = None):
-        self.max_len = max_len
-
-    def check(self, value, path):
-        if isinstance(value, (bytearray, memoryview)):
-            value = bytes(value)
-        if not isinstance(value, bytes):
-            raise ProtocolError(f"{path}: expected bytes, got {_tname(value)}")
-        if self.max_len is not None and len(value) > self.max_len:
-            raise ProtocolError(f"{path}: {len(value)} bytes exceed the limit of {self.max_len}")
-        return value
-
-    def describe(self):
-        return "bytes" if self.max_len is None else f"bytes(≤{self.max_len})"
-
-
-class Bool(Spec):
-    def check(self, value, path):
-        if not isinstance(value, bool):
-            raise ProtocolError(f"{path}: expected bool, got {_tname(value)}")
-        return value
-
-    def describe(self):
-        return "bool"
-
-
-class OneOf(Spec):
-    """An int from a fixed set (e.g. the sign ±1)."""
-
-    def __init__(self, *values: int):
-        self.values = values
-
-    def check(self, value, path):
-        if type(value) is not int or value not in self.values:
-            raise ProtocolError(f"{path}: expected one of {self.values}, got {_short(value)}")
-        return value
-
-    def describe(self):
-        return "|".join(f"{v:+d}" for v in self.values)
-
-
-class ListOf(Spec):
-    def __init__(self, item: Spec, max_len: int | None = None):
-        self.item, self.max_len = item, max_len
-
-    def check(self, value, path):
-        if not isinstance(value, (list, tuple)):
-            raise ProtocolError(f"{path}: expected list, got {_tname(value)}")
-        if self.max_len is not None and len(value) > self.max_len:
-            raise ProtocolError(f"{path}: {len(value)} entries exceed the limit of {self.max_len}")
-        item = self.item
-        if isinstance(item, Int) and item.min == 0 and item.max == INT_MAX:
-            # Fast path for long index lists.
-            for v in value:
-                if type(v) is not int or v < 0 or v > INT_MAX:
-                    break
-            else:
-                return list(value)
-        return [item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
-
-    def describe(self):
-        return f"list[{self.item.describe()}]"
-
-
-class TupleOf(Spec):
-    """A fixed-length list with one spec per position (e.g. [name, size, sha256])."""
-
-    def __init__(self, *items: tuple[str, Spec]):
-        self.items = items
-
-    def check(self, value, path):
-        if not isinstance(value, (list, tuple)):
-            raise ProtocolError(f"{path}: expected list, got {_tname(value)}")
-        if len(value) != len(self.items):
-            raise ProtocolError(f"{path}: expected {len(self.items)} entries, got {len(value)}")
-        return [spec.check(v, f"{path}[{i}]") for i, ((_, spec), v) in enumerate(zip(self.items, value))]
-
-    def describe(self):
-        return "[" + ", ".join(f"{n}:{s.describe()}" for n, s in self.items) + "]"
+def _plain_error(reason: str, subpath: str) -> PydanticCustomError:
+    return PydanticCustomError("plain_value", "{reason}", {"reason": reason, "subpath": subpath})
 
 
 def _check_plain(value: Any, path: str, depth: int) -> Any:
-    """Free-form data: None, bool, int, float, str, bytes, lists and str-keyed maps, bounded depth."""
+    """Free-form data: None, bool, int, float, str, bytes, lists and str-keyed maps, bounded
+    depth. ``path`` is relative to the field being checked."""
     if value is None or isinstance(value, (bool, str, float)):
         return value
     if isinstance(value, int):
         if value < INT_MIN or value > INT_MAX:
-            raise ProtocolError(f"{path}: integer {_short(value)} does not fit in 64 bits")
+            raise _plain_error(f"integer {_short(value)} does not fit in 64 bits", path)
         return int(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if depth >= MAX_DEPTH:
-        raise ProtocolError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        raise _plain_error(f"nested deeper than {MAX_DEPTH} levels", path)
     if isinstance(value, (list, tuple)):
+        if len(value) > MAX_CONTAINER_LEN:
+            raise _plain_error(f"{len(value)} entries exceed the limit of {MAX_CONTAINER_LEN}", path)
         return [_check_plain(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ProtocolError(f"{path}: map key {_short(k)} is not a str")
-            out[k] = _check_plain(v, f"{path}.{k}", depth + 1)
-        return out
-    raise ProtocolError(f"{path}: {_tname(value)} cannot travel on the wire")
+        return _check_plain_map(value, path, depth + 1)
+    raise _plain_error(f"{_tname(value)} cannot travel on the wire", path)
 
 
-class Map(Spec):
-    """A map. With no declared keys: free-form (str keys, plain values). With declared keys:
-    required keys must be present and typed; undeclared keys are rejected unless ``extra``."""
-
-    def __init__(self, required: Mapping[str, Spec] | None = None,
-                 optional: Mapping[str, Spec] | None = None, extra: bool = False):
-        self.required = dict(required or {})
-        self.optional = dict(optional or {})
-        self.extra = extra if (self.required or self.optional) else True
-
-    def check(self, value, path, depth: int = 1):
-        if not isinstance(value, Mapping):
-            raise ProtocolError(f"{path}: expected map, got {_tname(value)}")
-        out = {}
-        for name, spec in self.required.items():
-            if name not in value:
-                raise ProtocolError(f"{path}: missing field {name!r}")
-            out[name] = spec.check(value[name], f"{path}.{name}")
-        for name, v in value.items():
-            if name in self.required:
-                continue
-            if not isinstance(name, str):
-                raise ProtocolError(f"{path}: map key {_short(name)} is not a str")
-            spec = self.optional.get(name)
-            if spec is not None:
-                out[name] = spec.check(v, f"{path}.{name}")
-            elif self.extra:
-                out[name] = _check_plain(v, f"{path}.{name}", depth)
-            else:
-                raise ProtocolError(f"{path}: unknown field {_short(name)}")
-        return out
-
-    def describe(self):
-        if not (self.required or self.optional):
-            return "map"
-        parts = [f"{n}:{s.describe()}" for n, s in self.required.items()]
-        parts += [f"?{n}:{s.describe()}" for n, s in self.optional.items()]
-        if self.extra:
-            parts.append("...")
-        return "{" + ", ".join(parts) + "}"
+def _check_plain_map(value: Any, path: str, depth: int) -> dict:
+    if not isinstance(value, Mapping):
+        raise _plain_error(f"expected map, got {_tname(value)}", path)
+    if len(value) > MAX_MAP_LEN:
+        raise _plain_error(f"{len(value)} keys exceed the limit of {MAX_MAP_LEN}", path)
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise _plain_error(f"map key {_short(k)} is not a str", path)
+        out[k] = _check_plain(v, f"{path}.{k}", depth)
+    return out
 
 
-class MessageSchema:
-    """The top-level fields of one message type."""
+def _sign(value: int) -> int:
+    if value != 1 and value != -1:
+        raise PydanticCustomError("sign", "expected +1 or -1, got {value}", {"value": value})
+    return value
 
-    def __init__(self, direction: str, required: Mapping[str, Spec],
-                 optional: Mapping[str, Spec] | None = None, doc: str = ""):
-        self.direction = direction
-        self.required = dict(required)
-        self.optional = dict(optional or {})
-        self.doc = doc
-        for name in list(self.required) + list(self.optional):
-            if name in _ENVELOPE:
-                raise ValueError(f"field name {name!r} is reserved for the envelope")
-        self._map = Map(self.required, self.optional, extra=False)
 
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return tuple(self.required) + tuple(self.optional)
+def _record_extras(value: dict) -> dict:
+    for key, v in value.items():
+        if key not in _RECORD_KEYS:
+            value[key] = _check_plain(v, f".{key}", 1)
+    return value
 
-    def check(self, msg_type: str, fields: Mapping[str, Any]) -> dict:
-        return self._map.check(fields, msg_type)
+
+# Strictness comes from the config below; these add bounds. Floats with a bound are finite.
+Nat = Annotated[int, Field(ge=0, le=INT_MAX)]
+Step = Annotated[int, Field(ge=-1, le=INT_MAX)]  # an iteration or step where -1 means "none yet"
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False),
+                   WithJsonSchema({"type": "number", "finite": True})]
+Sign = Annotated[int, AfterValidator(_sign), WithJsonSchema({"type": "integer", "enum": [1, -1]})]
+NatList = Annotated[list[Nat], Field(max_length=MAX_INDICES)]
+FreeMap = Annotated[dict, PlainValidator(lambda v: _check_plain_map(v, "", 1)),
+                    WithJsonSchema({"type": "object"})]
+# [name, size, sha256]: an array on the wire, so a list is as good as a tuple here.
+FileEntry = Annotated[tuple[str, Nat, str], Strict(False)]
+
+_CONFIG = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+
+# Sub-maps are TypedDicts: they validate straight into plain dicts, which is what a Message
+# holds, so no second pass turns model instances back into dicts.
+
+
+class Unit(TypedDict):
+    """One member-sign evaluation over the listed sample indices."""
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+    member: Nat
+    seed: Nat
+    sign: Sign
+    indices: NatList
+
+
+class UnitResult(TypedDict):
+    """A unit's sum of per-sample R and its sample count."""
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+    member: Nat
+    sign: Sign
+    sum_r: float  # NaN/inf are meaningful: the coordinator ranks them worst
+    count: Nat
+
+
+class Attest(TypedDict):
+    """A replica's state hash after ``step`` commits."""
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+    step: Nat
+    state_hash: str
+
+
+class _RecordFields(TypedDict):
+    """A run-log COMMIT record: the fields every reader needs, plus any plain keys."""
+    __pydantic_config__ = ConfigDict(strict=True, extra="allow")  # type: ignore[misc]
+    iteration: Nat
+    attest: NotRequired[Optional[Attest]]
+
+
+_RECORD_KEYS = frozenset(_RecordFields.__annotations__)
+Record = Annotated[_RecordFields, AfterValidator(_record_extras)]
 
 
 # --------------------------------------------------------------------------------------------
 # The message table
 # --------------------------------------------------------------------------------------------
 
-_int = Int()
-_nat = Int(min=0)
-_iter = Int(min=-1)  # an iteration where -1 means "none yet"
-_str = Str()
-_bool = Bool()
-_float = Float()
-_sign = OneOf(1, -1)
+class MessageModel(BaseModel):
+    """A message's fields; TYPE and DIRECTION name it in the table."""
+    model_config = _CONFIG
+    TYPE: ClassVar[str]
+    DIRECTION: ClassVar[str]
 
-SYNC = Map({
-    "checkpoint_iteration": _iter,
-    "files": ListOf(TupleOf(("name", _str), ("size", _nat), ("sha256", _str))),
-    "log_from": _nat,
-})
-"""How a worker reaches the current state: load checkpoint ``checkpoint_iteration`` (-1: build
-the initial model from the config) whose files are ``files``, then replay COMMITs from ``log_from``."""
 
-UNIT = Map({"member": _nat, "seed": _nat, "sign": _sign, "indices": ListOf(_nat)})
-UNIT_RESULT = Map({"member": _nat, "sign": _sign, "sum_r": _float, "count": _nat})
-COMMIT_RECORD = Map({"iteration": _nat, "state_hash": _str}, extra=True)
+class Hello(MessageModel):
+    """register; state_iteration -1 / state_hash '' when the worker holds no state"""
+    TYPE, DIRECTION = HELLO, "w→c"
+    config_hash: str
+    selftest: Annotated[dict[str, str], Field(max_length=MAX_SELFTEST)]
+    device: str
+    dtype: str
+    threads: Annotated[int, Field(ge=1, le=INT_MAX)]
+    throughput: Seconds
+    worker_name: str
+    pid: Nat
+    state_iteration: Step
+    state_hash: str
 
-SCHEMAS: dict[str, MessageSchema] = {
-    HELLO: MessageSchema("w→c", {
-        "config_hash": _str, "noise_digest": _str, "device": _str, "dtype": _str,
-        "threads": Int(min=1), "throughput": Float(min=0.0), "worker_name": _str, "pid": _nat,
-        "state_iteration": _iter, "state_hash": _str,
-    }, doc="register; state_iteration -1 / state_hash '' when the worker holds no state"),
-    WELCOME: MessageSchema("c→w", {
-        "worker_id": _str, "run_id": _str, "config_yaml": _str, "sync": SYNC,
-        "heartbeat_s": Float(min=0.0, exclusive_min=True),
-    }, {"bulk_port": Int(min=0, max=65535)},
-        doc="accepted: the run's resolved config, how to reach the current state, the bulk channel's port"),
-    REJECT: MessageSchema("c→w", {"reason": _str},
-                          doc="refused: the worker prints the reason and exits"),
-    PING: MessageSchema("w→c", {
-        "worker_id": _str, "iteration": _iter, "state_hash": _str, "busy": _bool,
-        "done_units": _nat,
-    }, {"throughput": Float(min=0.0)}, doc="heartbeat from a thread a forward pass cannot starve"),
-    PONG: MessageSchema("c→w", {"iteration": _iter}, {"state_hash": _str},
-                        doc="heartbeat answer: the coordinator's committed iteration"),
-    LEASE: MessageSchema("c→w", {
-        "lease_id": _str, "iteration": _nat, "alpha": Float(finite=True),
-        "sigma": Float(finite=True), "units": ListOf(UNIT),
-        "expires_s": Float(min=0.0, exclusive_min=True),
-    }, doc="work: evaluate each unit (member seed, sign, sample indices) at sigma"),
-    RESULT: MessageSchema("w→c", {
-        "lease_id": _str, "iteration": _nat, "results": ListOf(UNIT_RESULT),
-        "eval_s": Float(min=0.0),
-    }, {"error": _str, "state_iteration": _iter, "state_hash": _str},
-        doc="per unit: sum of per-sample R and the sample count; the state a pending STATE would report"),
-    COMMIT: MessageSchema("c→w", {"record": COMMIT_RECORD},
-                          doc="the iteration's update record (as written in the run log)"),
-    STATE: MessageSchema("w→c", {"iteration": _iter, "state_hash": _str},
-                         doc="the worker's state after applying a commit or a sync"),
-    RESYNC: MessageSchema("c→w", {"reason": _str, "sync": SYNC},
-                          doc="your state is wrong or behind: sync as described"),
-    FETCH: MessageSchema("w→c", {"name": _str, "offset": _nat, "length": Int(min=1, max=CHUNK_SIZE)},
-                         doc="bulk channel: ask for bytes of a checkpoint file"),
-    CHUNK: MessageSchema("c→w", {"name": _str, "offset": _nat, "data": Bytes(max_len=CHUNK_SIZE),
-                                 "eof": _bool},
-                         doc="bulk channel: bytes of a checkpoint file; eof on the last one"),
-    LOG_FETCH: MessageSchema("w→c", {"from_iteration": _nat}, {"max_records": Int(min=1)},
-                             doc="bulk channel: ask for COMMIT records from an iteration on"),
-    LOG_RECORDS: MessageSchema("c→w", {"records": ListOf(COMMIT_RECORD), "last": _bool},
-                               doc="bulk channel: consecutive run-log records; last when up to date"),
-    BYE: MessageSchema("w→c", {"worker_id": _str, "reason": _str},
-                       doc="graceful leave: release my leases now"),
-    END: MessageSchema("c→w", {"reason": _str, "final_iteration": _iter, "final_hash": _str},
-                       doc="the run is over"),
-    STATUS_REQ: MessageSchema("any→c", {}, doc="ask for a status snapshot"),
-    STATUS: MessageSchema("c→any", {"snapshot": Map()}, doc="a status snapshot"),
-    ERROR: MessageSchema("c→any", {"code": _str, "reason": _str},
-                         doc="a request that cannot be served (see ERROR_CODES)"),
-}
+
+class Welcome(MessageModel):
+    """accepted: the run's resolved config, the bulk channel's port, what the worker must keep"""
+    TYPE, DIRECTION = WELCOME, "c→w"
+    worker_id: str
+    run_id: str
+    config_yaml: str
+    heartbeat_s: PositiveSeconds
+    bulk_port: Port
+    keep_state: bool
+    model_params: Nat
+
+
+class Reject(MessageModel):
+    """refused: the worker prints the reason and exits"""
+    TYPE, DIRECTION = REJECT, "c→w"
+    reason: str
+
+
+class Ping(MessageModel):
+    """heartbeat from a thread a forward pass cannot starve"""
+    TYPE, DIRECTION = PING, "w→c"
+    worker_id: str
+    iteration: Step
+    state_hash: str
+    busy: bool
+    done_units: Nat
+    throughput: Seconds = None
+    update_s: Seconds = None
+
+
+class Pong(MessageModel):
+    """heartbeat answer: the coordinator's committed iteration"""
+    TYPE, DIRECTION = PONG, "c→w"
+    iteration: Step
+    state_hash: str = None
+
+
+class Lease(MessageModel):
+    """work: evaluate each unit (member seed, sign, sample indices) at sigma"""
+    TYPE, DIRECTION = LEASE, "c→w"
+    lease_id: str
+    iteration: Nat
+    alpha: Finite
+    sigma: Finite
+    units: Annotated[list[Unit], Field(max_length=MAX_UNITS)]
+    expires_s: PositiveSeconds
+
+
+class Result(MessageModel):
+    """per unit: sum of per-sample R and the sample count; the state a pending STATE would report"""
+    TYPE, DIRECTION = RESULT, "w→c"
+    lease_id: str
+    iteration: Nat
+    results: Annotated[list[UnitResult], Field(max_length=MAX_UNITS)]
+    eval_s: Seconds
+    error: str = None
+    state_iteration: Step = None
+    state_hash: str = None
+    update_s: Seconds = None
+
+
+class Commit(MessageModel):
+    """the iteration's update record (as written in the run log)"""
+    TYPE, DIRECTION = COMMIT, "c→w"
+    record: Record
+
+
+class State(MessageModel):
+    """the worker's state (step = commits applied) after a commit or a sync"""
+    TYPE, DIRECTION = STATE, "w→c"
+    iteration: Step
+    state_hash: str
+
+
+class Resync(MessageModel):
+    """your state is wrong or behind: sync again over the bulk channel"""
+    TYPE, DIRECTION = RESYNC, "c→w"
+    reason: str
+
+
+class SyncReq(MessageModel):
+    """bulk channel: how do I reach the current state from the one I hold?"""
+    TYPE, DIRECTION = SYNC_REQ, "w→c"
+    have_step: Step
+    have_hash: str
+
+
+class SyncOffer(MessageModel):
+    """bulk channel: load this checkpoint's files, then replay COMMITs from log_from"""
+    TYPE, DIRECTION = SYNC_OFFER, "c→w"
+    checkpoint_iteration: Nat
+    files: Annotated[list[FileEntry], Field(max_length=MAX_FILES)]
+    log_from: Nat
+
+
+class Fetch(MessageModel):
+    """bulk channel: ask for bytes of a checkpoint file"""
+    TYPE, DIRECTION = FETCH, "w→c"
+    name: str
+    offset: Nat
+    length: Annotated[int, Field(ge=1, le=CHUNK_SIZE)]
+
+
+class Chunk(MessageModel):
+    """bulk channel: bytes of a checkpoint file; eof on the last one"""
+    TYPE, DIRECTION = CHUNK, "c→w"
+    name: str
+    offset: Nat
+    data: Annotated[bytes, Field(max_length=CHUNK_SIZE)]
+    eof: bool
+
+
+class LogFetch(MessageModel):
+    """bulk channel: ask for COMMIT records from an iteration on"""
+    TYPE, DIRECTION = LOG_FETCH, "w→c"
+    from_iteration: Nat
+    max_records: Annotated[int, Field(ge=1, le=INT_MAX)] = None
+
+
+class LogRecords(MessageModel):
+    """bulk channel: consecutive run-log records; last when up to date"""
+    TYPE, DIRECTION = LOG_RECORDS, "c→w"
+    records: Annotated[list[Record], Field(max_length=LOG_BATCH)]
+    last: bool
+
+
+class Bye(MessageModel):
+    """graceful leave: release my leases now"""
+    TYPE, DIRECTION = BYE, "w→c"
+    worker_id: str
+    reason: str
+
+
+class End(MessageModel):
+    """the run is over"""
+    TYPE, DIRECTION = END, "c→w"
+    reason: str
+    final_iteration: Step
+    final_hash: str
+
+
+class StatusReq(MessageModel):
+    """ask for a status snapshot"""
+    TYPE, DIRECTION = STATUS_REQ, "any→c"
+
+
+class Status(MessageModel):
+    """a status snapshot"""
+    TYPE, DIRECTION = STATUS, "c→any"
+    snapshot: FreeMap
+
+
+class Error(MessageModel):
+    """a request that cannot be served (see ERROR_CODES); busy: retry after retry_s"""
+    TYPE, DIRECTION = ERROR, "c→any"
+    code: str
+    reason: str
+    retry_s: Seconds = None
+
+
+SCHEMAS: dict[str, type[MessageModel]] = {m.TYPE: m for m in (
+    Hello, Welcome, Reject, Ping, Pong, Lease, Result, Commit, State, Resync, SyncReq, SyncOffer,
+    Fetch, Chunk, LogFetch, LogRecords, Bye, End, StatusReq, Status, Error)}
 
 MESSAGE_TYPES = frozenset(SCHEMAS)
 
+# Optional top-level fields per type (absent reads as None).
+_OPTIONAL = {t: frozenset(n for n, f in m.model_fields.items() if not f.is_required())
+             for t, m in SCHEMAS.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The rendered table
+# --------------------------------------------------------------------------------------------
+
+def _describe(schema: dict, defs: dict) -> str:
+    """A short type string from a JSON schema node (the notation of the module docstring)."""
+    if "$ref" in schema:
+        return _describe(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+    if "anyOf" in schema:
+        return "|".join(_describe(s, defs) for s in schema["anyOf"])
+    if "enum" in schema:
+        return "|".join(f"{v:+d}" if isinstance(v, int) else repr(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        text = "int" if kind == "integer" else "float"
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if "exclusiveMinimum" in schema:
+            text += f">{schema['exclusiveMinimum']:g}"
+        elif lo is not None and lo != INT_MIN and hi is not None and hi != INT_MAX:
+            text += f" {lo}..{hi}"
+        elif lo is not None and lo != INT_MIN:
+            text += f"≥{lo:g}"
+        if schema.get("finite"):
+            text += " (finite)"
+        return text
+    if kind == "string":
+        text = "bytes" if schema.get("format") == "binary" else "str"
+        return text + (f"(≤{schema['maxLength']})" if "maxLength" in schema else "")
+    if kind == "boolean":
+        return "bool"
+    if kind == "null":
+        return "null"
+    if kind == "array":
+        if "prefixItems" in schema:
+            return "[" + ", ".join(_describe(s, defs) for s in schema["prefixItems"]) + "]"
+        bound = f"(≤{schema['maxItems']})" if "maxItems" in schema else ""
+        return f"list[{_describe(schema.get('items', {}), defs)}]{bound}"
+    if kind == "object":
+        if "properties" in schema:
+            return "{" + _describe_fields(schema, defs) + "}"
+        values = schema.get("additionalProperties")
+        bound = f"(≤{schema['maxProperties']})" if "maxProperties" in schema else ""
+        if isinstance(values, dict) and values:
+            return f"map[str,{_describe(values, defs)}]{bound}"
+        return "map" + bound
+    return "plain"
+
+
+def _describe_fields(schema: dict, defs: dict) -> str:
+    required = set(schema.get("required", ()))
+    parts = [f"{'' if n in required else '?'}{n}:{_describe(s, defs)}"
+             for n, s in schema.get("properties", {}).items()]
+    if schema.get("additionalProperties") not in (None, False):
+        parts.append("...")
+    return ", ".join(parts)
+
 
 def schema_table() -> str:
-    """The message table as text, rendered from the schemas (for docs and ``--help``)."""
+    """The message table as text, rendered from the models (for docs and ``--help``)."""
     lines = []
-    for name, schema in SCHEMAS.items():
-        parts = [f"{n}:{s.describe()}" for n, s in schema.required.items()]
-        parts += [f"?{n}:{s.describe()}" for n, s in schema.optional.items()]
-        lines.append(f"{name:<12} {schema.direction:<6} {', '.join(parts) or '(no fields)'}")
+    for name, model in SCHEMAS.items():
+        schema = model.model_json_schema()
+        fields = _describe_fields(schema, schema.get("$defs", {}))
+        lines.append(f"{name:<12} {model.DIRECTION:<6} {fields or '(no fields)'}")
     return "\n".join(lines)
 
 
@@ -496,7 +578,7 @@ class Message:
 
     ``msg.lease_id`` / ``msg["lease_id"]`` / ``msg.get("error")``; a declared optional field that
     is absent reads as None through attribute access. Fields hold plain python values (lists,
-    dicts); treat them as read-only.
+    dicts, and tuples for fixed-shape entries such as SYNC_OFFER.files); treat them as read-only.
     """
 
     __slots__ = ("type", "_fields")
@@ -510,8 +592,7 @@ class Message:
         try:
             return fields[name]
         except KeyError:
-            schema = SCHEMAS.get(object.__getattribute__(self, "type"))
-            if schema is not None and name in schema.optional:
+            if name in _OPTIONAL.get(object.__getattribute__(self, "type"), ()):
                 return None
             raise AttributeError(f"{self.type} message has no field {name!r}") from None
 
@@ -553,24 +634,91 @@ class Message:
         return f"Message({self.type}: {body})"
 
 
-def validate(msg_type: str, fields: Mapping[str, Any]) -> dict:
-    """Check ``fields`` against ``msg_type``'s schema; return the normalised fields."""
+_EXPECTED = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+             "bytes_type": "bytes", "list_type": "list", "tuple_type": "list", "dict_type": "map",
+             "model_type": "map", "model_attributes_type": "map"}
+_BOUNDS = {"greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"),
+           "less_than_equal": ("le", "≤"), "less_than": ("lt", "<")}
+
+
+def _where(root: str, loc: tuple) -> str:
+    return root + "".join(f".{p}" if isinstance(p, str) else f"[{_short(p)}]" for p in loc)
+
+
+def _reason(root: str, exc: ValidationError) -> str:
+    """One line for the first error pydantic found, in this module's own words."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    kind, loc, value, ctx = err["type"], tuple(err["loc"]), err.get("input"), err.get("ctx") or {}
+    path = _where(root, loc)
+    if kind == "invalid_key" or (loc and loc[-1] == "[key]"):  # a bytes key (strict_map_key lets them by)
+        key_at = loc if kind == "invalid_key" else loc[:-1]
+        key = key_at[-1]  # models report the key's repr, TypedDicts the key itself
+        text = f"{_where(root, key_at[:-1])}: map key {key if isinstance(key, str) else _short(key)} is not a str"
+    elif kind == "missing":
+        what = f"field {loc[-1]!r}" if isinstance(loc[-1], str) else f"entry [{loc[-1]}]"
+        text = f"{_where(root, loc[:-1])}: missing {what}"
+    elif kind == "extra_forbidden":
+        text = f"{_where(root, loc[:-1])}: unknown field {_short(loc[-1])}"
+    elif kind in _EXPECTED:
+        text = f"{path}: expected {_EXPECTED[kind]}, got {_tname(value)}"
+    elif kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        bound = ctx[key]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        text = f"{path}: expected {_tname(value)} {op} {bound}, got {_short(value)}"
+    elif kind == "finite_number":
+        text = f"{path}: expected a finite float, got {value!r}"
+    elif kind == "too_long":
+        text = f"{path}: {ctx['actual_length']} entries exceed the limit of {ctx['max_length']}"
+    elif kind == "bytes_too_long":
+        text = f"{path}: {len(value)} bytes exceed the limit of {ctx['max_length']}"
+    elif kind == "plain_value":
+        text = f"{path}{ctx['subpath']}: {ctx['reason']}"
+    else:
+        text = f"{path}: {err['msg']}"
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more)"
+    return text.replace("\n", "\\n")
+
+
+def _model(msg_type: Any) -> type[MessageModel]:
     if not isinstance(msg_type, str):
         raise ProtocolError(f"message type must be a str, got {_tname(msg_type)}")
-    schema = SCHEMAS.get(msg_type)
-    if schema is None:
+    model = SCHEMAS.get(msg_type)
+    if model is None:
         raise ProtocolError(f"unknown message type {_short(msg_type)}")
-    return schema.check(msg_type, fields)
+    return model
+
+
+def _validate(msg_type: str, model: type[MessageModel], fields: Mapping[str, Any]) -> dict:
+    try:
+        checked = model.model_validate(fields)
+    except ValidationError as exc:
+        raise ProtocolError(_reason(msg_type, exc)) from None
+    # The validated values, not the input: ints given for floats are floats. Sub-maps are
+    # already plain dicts; only the fields that were sent, in declaration order.
+    sent = checked.model_fields_set
+    return {k: v for k, v in checked.__dict__.items() if k in sent}
+
+
+def validate(msg_type: str, fields: Mapping[str, Any]) -> dict:
+    """Check ``fields`` against ``msg_type``'s model; return the normalised fields."""
+    return _validate(msg_type, _model(msg_type), fields)
 
 
 def encode(msg_type: str, **fields: Any) -> bytes:
-    """Validate and pack one message into one frame."""
+    """Validate and pack one message into one frame. An optional field given as None is left out."""
+    model = _model(msg_type)
     for name in _ENVELOPE:
         if name in fields:
             raise ProtocolError(f"{msg_type}: field {name!r} is reserved for the envelope")
-    body = validate(msg_type, fields)
+    optional = _OPTIONAL[msg_type]
+    if optional:
+        fields = {k: v for k, v in fields.items() if v is not None or k not in optional}
     envelope = {"v": PROTOCOL_VERSION, "type": msg_type}
-    envelope.update(body)
+    envelope.update(_validate(msg_type, model, fields))
     try:
         frame = msgpack.packb(envelope, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:  # pragma: no cover - validated above
@@ -605,27 +753,15 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"frame is not a msgpack map (got {_tname(obj)})")
     if "v" not in obj:
         raise ProtocolError("frame has no protocol version field 'v'")
-    version = obj["v"]
-    msg_type = obj.get("type")
+    version = obj.pop("v")
+    msg_type = obj.pop("type", None)
     if type(version) is not int:
         raise ProtocolError(f"protocol version field 'v' must be an int, got {_tname(version)}")
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(version, msg_type if isinstance(msg_type, str) else None)
-    if "type" not in obj:
+    if msg_type is None:
         raise ProtocolError("frame has no message type field 'type'")
-    if not isinstance(msg_type, str):
-        raise ProtocolError(f"message type must be a str, got {_tname(msg_type)}")
-    schema = SCHEMAS.get(msg_type)
-    if schema is None:
-        raise ProtocolError(f"unknown message type {_short(msg_type)}")
-    body = {k: v for k, v in obj.items() if k not in _ENVELOPE}
-    return Message(msg_type, schema.check(msg_type, body))
-
-
-def make_sync(checkpoint_iteration: int, files: list, log_from: int) -> dict:
-    """Build (and check) the SYNC map of WELCOME/RESYNC. ``files``: [(name, size, sha256), ...]."""
-    return SYNC.check({"checkpoint_iteration": checkpoint_iteration,
-                       "files": [list(f) for f in files], "log_from": log_from}, "sync")
+    return Message(msg_type, _validate(msg_type, _model(msg_type), obj))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .es.fitness import fitness_sums
+from .es.kernels import resolve as resolve_compile
 from .es.noise import NoiseSource
 from .es.perturb import write_center, write_member
 from .es.state import MasterState
@@ -36,7 +37,9 @@ def resolve_device(device: str) -> torch.device:
 
 class Replica:
     def __init__(self, model: torch.nn.Module, es, device: str | torch.device = "cpu", dtype: str = "fp32",
-                 chunk: int = 1 << 18):
+                 chunk: int = 0, compile: str = "off", say=print):
+        """``chunk``: noise/update chunk in elements (0: the device's default); ``compile``: "auto",
+        "on" or "off" for the compiled integer kernels (``es/kernels.py``)."""
         self.es = es
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -47,7 +50,8 @@ class Replica:
         self.working = {n: p.data for n, p in self.model.named_parameters()}
         if set(self.working) != {p.name for p in self.master.params}:
             raise RuntimeError("model parameters changed while building the replica")
-        self.noise = NoiseSource(es.noise, self.device, chunk=chunk)
+        self.compiled = resolve_compile(compile, self.master.numel(), self.device, say=say)
+        self.noise = NoiseSource(es.noise, self.device, chunk=chunk, compiled=self.compiled)
         self.group_sigma = es.group_sigma.as_dict()
         self._center_fresh = False
 
@@ -77,7 +81,12 @@ class Replica:
         self._center_fresh = False
 
     def state_hash(self) -> str:
-        return state_hash(self.master)
+        return state_hash(self.master, compiled=self.compiled)
+
+    def use_eager(self) -> None:
+        """Fall back to the eager kernels (same bits, slower)."""
+        self.compiled = False
+        self.noise = NoiseSource(self.es.noise, self.device, chunk=self.noise.chunk, compiled=False)
 
     @property
     def iteration(self) -> int:

@@ -9,6 +9,7 @@ one after ``--resume``.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,23 +17,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import UserError, checkpoint
+from .checkpoint import load_model_skeleton
 from .config import Config, load as load_config
 from .es.commit import close_iteration
-from .es.population import Member, population
-from .es.schedule import alpha_at, sigma_at
+from .plan import Plan, plan_iteration
 from .replica import Replica
 
 LOG_NAME = "commits.jsonl"
 
 
-@dataclass(frozen=True)
-class Plan:
-    iteration: int
-    alpha: float
-    sigma: float
-    members: list[Member]
-    indices: list[int]
-    subset_digest: str
+class Diverged(UserError):
+    """The held-out loss is no longer a number: stop the run (it is checkpointed first)."""
 
 
 def build_components(cfg: Config, out: Path, say: Callable[[str], None]):
@@ -59,21 +54,12 @@ def build_components(cfg: Config, out: Path, say: Callable[[str], None]):
     return tok, train, heldout, model
 
 
-def load_model_skeleton(ckpt: Path):
-    """The checkpoint's architecture in fp32 (weights then overwritten bit-exactly from the master)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-    except Exception as err:  # transformers raises many types for a bad directory
-        raise UserError(f"cannot load model from {ckpt}: {str(err).splitlines()[0]}") from None
-    return model.eval().requires_grad_(False)
-
-
 class Run:
     def __init__(self, cfg: Optional[Config], out: str | Path, resume: bool = False, device: str = "cpu",
-                 iterations: Optional[int] = None, say: Callable[[str], None] = print):
+                 iterations: Optional[int] = None, say: Callable[[str], None] = print, writer: bool = True):
+        """``writer``: this process appends to the commit log (in-process training). The pool's
+        reference replica is not the writer: the coordinator appends, and hands it each record
+        (:meth:`follow`)."""
         from .data import SampleSet
         from .runlog import CommitLog
 
@@ -89,7 +75,7 @@ class Run:
         else:
             if cfg is None:
                 raise ValueError("a new run needs a config")
-            if log_path.exists() or (self.out / "checkpoints").exists():
+            if (log_path.exists() and log_path.stat().st_size) or (self.out / "checkpoints").exists():
                 raise UserError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
             self.cfg = cfg
             if iterations is not None:
@@ -113,15 +99,24 @@ class Run:
         else:
             self.tokenizer, self.train, self.heldout, model = build_components(self.cfg, self.out, say)
             ckpt = None
-        self.replica = Replica(model, es, device=device, dtype="fp32", chunk=self.cfg.runtime.chunk_elements)
-        self.log = CommitLog(log_path)
+        self.replica = Replica(model, es, device=device, dtype="fp32", chunk=self.cfg.runtime.chunk_elements,
+                               compile=self.cfg.runtime.compile, say=say)
+        self.writer = writer
+        if writer:
+            self.log = CommitLog(log_path)
+        else:
+            self.log = CommitLog(log_path, readonly=True) if log_path.is_file() else None
+        self.known: dict[int, str] = {}
+        self.last_chain = ""  # the chain value of the last commit applied (recorded in checkpoints)
         if ckpt is None:
             self.checkpoint(final=False)
+            self.known[0] = self.state_hash
         else:
             checkpoint.load_master_into(ckpt, self.replica.master)
             meta = checkpoint.read_meta(ckpt)
             if self.replica.state_hash() != meta["state_hash"]:
                 raise UserError(f"{ckpt}: weights do not match the state hash recorded beside them")
+            self.known[self.step] = meta["state_hash"]
             replayed = self.replay_log()
             say(f"resumed from {ckpt.name} + {replayed} logged commits → iteration {self.step}")
         self.ids_heldout, self.mask_heldout = self.heldout.batch(range(min(len(self.heldout), self.cfg.run.eval_samples)))
@@ -134,66 +129,70 @@ class Run:
 
     @property
     def state_hash(self) -> str:
-        """The replica's state hash, recomputed only when the master has moved (the run only
-        changes the master through :meth:`close` and :meth:`replay_log`)."""
-        cached = getattr(self, "_hash_cache", None)
-        if cached is None or cached[0] != self.step:
-            cached = (self.step, self.replica.state_hash())
-            self._hash_cache = cached
-        return cached[1]
+        """The replica's state hash, computed once per step (replay remembers it in ``known``)."""
+        h = self.known.get(self.step)
+        if h is None:
+            h = self.known[self.step] = self.replica.state_hash()
+        return h
 
     def replay_log(self) -> int:
-        n = 0
-        for rec in self.log.records(from_iteration=self.step):
-            if rec["parent_hash"] != self.replica.state_hash():
-                raise UserError(f"{self.out / LOG_NAME}: commit {rec['iteration']} does not follow the checkpoint")
-            self.replica.apply(rec)
-            if self.replica.state_hash() != rec["state_hash"]:
-                raise UserError(f"replaying commit {rec['iteration']} gave a different state hash; this machine "
-                                "cannot reproduce the run (noise self-test failed?)")
-            n += 1
-        return n
+        from .replay import ReplayMismatch, replay
+
+        if self.log is None:
+            return 0
+        try:
+            return replay(self.replica, self.log.records(from_iteration=self.step), self.known,
+                          on_step=self._chained)
+        except ReplayMismatch as err:
+            raise UserError(f"{self.out / LOG_NAME}: {err}") from None
+
+    def follow(self, record: dict) -> str:
+        """Apply a commit the coordinator has logged (the reference replica); returns the new hash."""
+        from .replay import replay
+
+        replay(self.replica, [record], self.known, on_step=self._chained)
+        return self.state_hash
+
+    def _chained(self, record: dict, _hash: str) -> None:
+        self.last_chain = record.get("chain", "")
 
     # -- one iteration -------------------------------------------------------------------------------
     def plan(self, t: int) -> Plan:
-        from .data import digest_indices, subset_indices
-
-        es = self.cfg.es
-        idx = subset_indices(len(self.train), es.samples_per_iteration, self.cfg.run.seed, t)
-        return Plan(t, alpha_at(es, t), sigma_at(es, t),
-                    population(self.cfg.run.seed, t, es.population, es.antithetic), idx, digest_indices(idx))
+        return plan_iteration(self.cfg, len(self.train), t)
 
     def close(self, plan: Plan, rewards: list[float], stats: Optional[dict] = None) -> dict:
         """Shape, commit (log + fsync) and apply iteration ``plan.iteration``; returns the record."""
         if plan.iteration != self.step:
             raise RuntimeError(f"closing iteration {plan.iteration} but the state is at {self.step}")
-        parent = self.state_hash
         record = close_iteration(self.cfg.es, plan.iteration, plan.members, rewards, plan.alpha, plan.sigma,
                                  self.replica.master.step)
         self.replica.apply(record)
-        record["parent_hash"] = parent
-        record["state_hash"] = self.state_hash
+        self.known[self.step] = self.state_hash
+        record["attest"] = {"step": self.step, "state_hash": self.state_hash}  # applied before it is written
         record["subset_digest"] = plan.subset_digest
         record["stats"] = dict(stats or {})
-        return self.log.append(record)
+        record = self.log.append(record)
+        self.last_chain = record["chain"]
+        return record
 
     def heldout_loss(self) -> float:
         s, c = self.replica.evaluate_center(self.ids_heldout, self.mask_heldout, self.cfg.es.micro_batch)
         return -s / c
 
     def checkpoint(self, final: bool = False) -> Path:
-        last = self.log.last() if self.step > 0 else None
         meta = {"state_hash": self.state_hash, "config_hash": self.cfg.config_hash(),
-                "log_chain": last["chain"] if last else "", "final": final}
+                "log_chain": self.last_chain, "final": final}
         return checkpoint.save(checkpoint.step_dir(self.out, self.step), self.replica.model, self.replica.master,
                                self.tokenizer, meta, self.config_yaml)
 
     def banner(self, workers: str) -> str:
-        from .model import count_parameters
+        from .model import count_parameters, vocab_note
 
         es, d = self.cfg.es, self.cfg.data
+        model = self.replica.model
         tokens = es.population * es.samples_per_iteration * d.seq_len
-        return (f"ea4llm-pool: {count_parameters(self.replica.model):,} parameters | population {es.population}"
+        vocab = vocab_note(self.cfg, model.config.vocab_size, len(self.tokenizer))
+        return (f"ea4llm-pool: {count_parameters(model):,} parameters, {vocab} | population {es.population}"
                 f"{' antithetic' if es.antithetic else ''} | {es.samples_per_iteration} samples × {d.seq_len} tokens"
                 f" per member | {tokens:,} tokens/iteration | shaping {es.shaping} | optimizer {es.optimizer}"
                 f" | σ={es.sigma:g} α={es.alpha:g} | {self.cfg.run.iterations} iterations | {workers}")
@@ -218,16 +217,22 @@ class Run:
     def report(self, record: dict, seconds: float, tokens: int, extra: Optional[dict] = None) -> dict:
         """Metrics line for a committed iteration; held-out eval and checkpoint when due."""
         step = self.step
-        rewards = record["rewards"]
-        fit = sum(rewards) / len(rewards)
+        rewards = [r for r in record["rewards"] if math.isfinite(r)]  # non-finite ones are counted apart
+        fit = sum(rewards) / len(rewards) if rewards else float("nan")
         line = {"iteration": step, "train_fitness": fit, "train_loss": -fit, "alpha": record["alpha"],
-                "sigma": record["sigma"], "state_hash": record["state_hash"], "seconds": seconds,
+                "sigma": record["sigma"], "state_hash": self.state_hash, "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds > 0 else None, "heldout_loss": None,
                 "wall_s": round(time.monotonic() - self._t_report, 3)}
         last = step >= self.cfg.run.iterations
         ev = self.cfg.run.eval_every
         if last or (ev and step % ev == 0):
             line["heldout_loss"] = self.heldout_loss()
+            if not math.isfinite(line["heldout_loss"]):
+                self.checkpoint(final=False)
+                raise Diverged(f"held-out loss is {line['heldout_loss']} at iteration {step}: the model diverged; "
+                               f"resume from an earlier checkpoint with a smaller es.alpha or es.sigma")
+        if record.get("nonfinite"):
+            line["nonfinite"] = record["nonfinite"]
         if extra:
             line.update(extra)
         if last or step % self.cfg.run.checkpoint_every == 0:

@@ -2,16 +2,18 @@
 
     ea4llm-pool worker --connect tcp://HOST:5555 --device cuda:0 --dtype bf16
 
-Life of a worker: noise self-test (refuse to join on failure) → HELLO → WELCOME (or REJECT: print
-the reason, exit non-zero) → sync (checkpoint files over the bulk channel, then replay the log) →
-loop: LEASE → evaluate units → RESULT; COMMIT → apply with the core's update → STATE (hash); END →
-exit 0. If the coordinator goes silent the worker backs off (1 s → 32 s, jittered) and registers
-again; its state is kept, so after a coordinator restart it only replays the commits it missed.
+Life of a worker: self-test on its own device (noise, update, Adam, state hash against the known
+answers; the coordinator refuses a device that fails) → HELLO → WELCOME (or REJECT: print the
+reason, exit non-zero) → sync (ask the bulk channel for the newest sync point, fetch its files with
+several chunks in flight, replay the log from there) → loop: LEASE → evaluate units → RESULT;
+COMMIT → apply with the core's update → report the state hash; END → exit 0. An evaluation that
+fails (out of memory, say) goes back as ``RESULT.error`` and the worker carries on. If the
+coordinator goes silent the worker backs off (1 s → 32 s, jittered) and registers again; its
+state is kept, so after a coordinator restart it only replays the commits it missed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -25,23 +27,15 @@ import torch
 import zmq
 
 from . import UserError, protocol as P
-from .checkpoint import load_master_into, read_meta
+from .checkpoint import load_master_into, load_model_skeleton, read_meta
 from .config import Config, from_dict
-from .es.noise import known_answer_digest
 from .link import LOST, Link, check_endpoint
+from .replay import ReplayMismatch, replay
 from .replica import Replica, resolve_device
 from .sync import BulkClient
 
 EXIT_REJECTED = 2
 EXIT_SELFTEST = 3
-
-
-def noise_digest(device) -> str:
-    """The digest a worker announces: known answers of both noise kinds, computed on its device."""
-    h = hashlib.sha256()
-    for kind in ("gaussian", "rademacher"):
-        h.update(known_answer_digest(kind, device).encode())
-    return h.hexdigest()
 
 
 def bulk_endpoint(control: str, port: int) -> str:
@@ -74,6 +68,9 @@ class Worker:
         self.train = None
         self.run_id = ""
         self.pending: dict[int, dict] = {}
+        self.known: dict[int, str] = {}   # state hash per recent step (checked against attestations)
+        self.update_s = 0.0               # seconds the last commit took to apply
+        self.model_params = 0
         self._unreported: Optional[tuple[int, str]] = None  # (iteration, hash) not yet reported
         self._hash_cache = None
         self.units_done = 0
@@ -84,7 +81,7 @@ class Worker:
     def _hello(self) -> bytes:
         state_it = self.replica.master.step if self.replica is not None else -1
         fields = dict(config_hash=self.expected_config.config_hash() if self.expected_config else "",
-                      noise_digest=self.digest, device=str(self.device), dtype=self.dtype,
+                      selftest=self.selftest, device=str(self.device), dtype=self.dtype,
                       threads=max(1, torch.get_num_threads()), throughput=float(self.throughput),
                       worker_name=self.name, pid=os.getpid(), state_iteration=state_it,
                       state_hash=self.replica.state_hash() if self.replica is not None else "")
@@ -123,48 +120,78 @@ class Worker:
             delay = min(delay * 2, 32.0)
 
     # -- sync ---------------------------------------------------------------------------------------
-    def _sync(self, run_id: str, config_yaml: str, sync: dict, bulk_port: int) -> None:
+    def _bulk(self, bulk_port: int) -> BulkClient:
+        # Replies come from the keeper's bulk thread at once, except a fresh sync point, which is
+        # written on demand: allow for writing a checkpoint of this model's size (~20 MB/s, pessimistic).
+        busy_s = 60.0 + 4 * self.model_params / 20e6
+        return BulkClient(self.ctx, bulk_endpoint(self.connect, bulk_port), timeout_s=60.0, busy_wait_s=busy_s)
+
+    def _sync(self, welcome: P.Message) -> None:
         import yaml
 
-        cfg = from_dict(yaml.safe_load(config_yaml), "coordinator config")
+        cfg = from_dict(yaml.safe_load(welcome.config_yaml), "coordinator config")
         if self.expected_config is not None and cfg.config_hash() != self.expected_config.config_hash():
             raise UserError("the coordinator's config differs from --config")
         self.cfg = cfg
-        keep = (not sync["files"] and self.replica is not None and self.run_id == run_id
-                and self.replica.master.step == sync["checkpoint_iteration"])
-        bulk = BulkClient(self.ctx, bulk_endpoint(self.connect, bulk_port))
+        self.model_params = int(welcome.get("model_params") or 0)
+        run_id = welcome.run_id
+        keep = bool(welcome.keep_state and self.replica is not None and self.run_id == run_id)
+        bulk = self._bulk(int(welcome.bulk_port))
         try:
             if not keep:
-                root = self.cache / run_id
-                for name, size, digest in sync["files"]:
-                    bulk.fetch(name, size, digest, root / name)
-                from .data import SampleSet
-                from .run import load_model_skeleton
-
-                self.train = SampleSet.load(root / "data" / "train.npz")
-                ckpt = root / f"step-{sync['checkpoint_iteration']:06d}"
-                model = load_model_skeleton(ckpt)
-                self.replica = Replica(model, cfg.es, self.device, self.dtype, chunk=cfg.runtime.chunk_elements)
-                load_master_into(ckpt, self.replica.master)
-                if self.replica.state_hash() != read_meta(ckpt)["state_hash"]:
-                    raise Resync("checkpoint weights do not match their recorded state hash")
+                have = self.replica.master.step if self.replica is not None and self.run_id == run_id else -1
+                offer = bulk.sync_offer(have, self._current_hash() if have >= 0 else "")
+                if offer.files:
+                    self._load_checkpoint(bulk, run_id, offer)
             self.run_id = run_id
             self.pending.clear()
             self._unreported = None
-            for rec in bulk.log_records(self.replica.master.step):
-                self._apply(rec, report=False)  # one STATE after the sync reports where it ended
+            # One STATE after the sync reports where it ended.
+            self._replay(bulk.log_records(self.replica.master.step), report=False)
         finally:
             bulk.close()
         self._publish_state()
         self.say(f"worker {self.name}: synced to iteration {self.replica.master.step} "
                  f"({self.device}, {self.dtype}, {torch.get_num_threads()} threads)")
 
+    def _load_checkpoint(self, bulk: BulkClient, run_id: str, offer: P.Message) -> None:
+        from .data import SampleSet
+
+        root = self.cache / run_id
+        for name, size, digest in offer.files:
+            bulk.fetch(name, size, digest, root / name)
+        self.replica = None  # the old replica's memory goes before the new one is built
+        self.train = SampleSet.load(root / "data" / "train.npz")
+        ckpt = root / f"step-{offer.checkpoint_iteration:06d}"
+        model = load_model_skeleton(ckpt)
+        self.replica = Replica(model, self.cfg.es, self.device, self.dtype, chunk=self.cfg.runtime.chunk_elements,
+                               compile=self.cfg.runtime.compile, say=self.say)
+        self._check_compiled()
+        load_master_into(ckpt, self.replica.master)
+        got, meta = self.replica.state_hash(), read_meta(ckpt)
+        if got != meta["state_hash"]:
+            raise Resync("checkpoint weights do not match their recorded state hash")
+        self.known = {self.replica.master.step: got}
+        self._hash_cache = (self.replica.master.step, self.replica, got)
+
+    def _check_compiled(self) -> None:
+        """The compiled kernels get the same known-answer test as the eager ones before they are trusted."""
+        if not self.replica.compiled:
+            return
+        from .es.selftest import check
+
+        ok, why = check(self.device, compiled=True)
+        if not ok:
+            self.say(f"worker: compiled kernels failed the self-test on {self.device} ({why}); using the eager ones")
+            self.replica.use_eager()
+
     def _current_hash(self) -> str:
-        """The replica's state hash, computed once per state (the master only changes in _apply
-        and _sync)."""
+        """The replica's state hash, computed once per state (replay remembers each step's)."""
         step = self.replica.master.step
         if self._hash_cache is None or self._hash_cache[0] != step or self._hash_cache[1] is not self.replica:
-            self._hash_cache = (step, self.replica, self.replica.state_hash())
+            h = self.known.get(step) or self.replica.state_hash()
+            self.known[step] = h
+            self._hash_cache = (step, self.replica, h)
         return self._hash_cache[2]
 
     def _publish_state(self) -> None:
@@ -178,38 +205,36 @@ class Worker:
             self._unreported = None
             self.link.send(P.STATE, iteration=it, state_hash=h)
 
-    def _apply(self, rec: dict, report: bool = True) -> None:
-        step = self.replica.master.step
-        if rec["iteration"] < step:
-            return
-        if rec["iteration"] > step:
-            raise Resync(f"missing commits between {step} and {rec['iteration']}")
+    def _replay(self, records, report: bool = True, to_step: Optional[int] = None) -> None:
+        """Apply commits through the one replay loop; a disagreement with an attested hash resyncs."""
+        def done(rec: dict, h: str) -> None:
+            self.update_s = time.perf_counter() - t[0]
+            self.link.update_s = self.update_s
+            if report:  # reported by the next RESULT, or by a STATE if no lease follows
+                self._unreported = (self.replica.master.step, h)
+            t[0] = time.perf_counter()
+
+        t = [time.perf_counter()]
         self._flush_state()  # the previous state's report goes out before the state moves on
-        self.replica.apply(rec)
-        got = self._current_hash()
-        if got != rec["state_hash"]:
-            raise Resync(f"state hash after iteration {rec['iteration']} is {got[:12]}…, "
-                         f"coordinator has {rec['state_hash'][:12]}…")
-        if report:  # reported by the next RESULT, or by a STATE if no lease follows
-            self._unreported = (self.replica.master.step, got)
+        try:
+            replay(self.replica, records, self.known, to_step=to_step, on_step=done)
+        except ReplayMismatch as err:
+            raise Resync(str(err)) from None
 
     def _catch_up(self, iteration: int, bulk_port: int) -> None:
         """Bring the replica to ``iteration`` commits using queued COMMITs, else the log."""
-        while self.replica.master.step < iteration:
-            rec = self.pending.pop(self.replica.master.step, None)
-            if rec is None:
-                bulk = BulkClient(self.ctx, bulk_endpoint(self.connect, bulk_port))
-                try:
-                    for r in bulk.log_records(self.replica.master.step):
-                        self._apply(r)
-                        if self.replica.master.step >= iteration:
-                            break
-                finally:
-                    bulk.close()
-                if self.replica.master.step < iteration:
-                    raise Resync("the coordinator's log does not reach the leased iteration")
-                break
-            self._apply(rec)
+        queued = []
+        while self.replica.master.step + len(queued) in self.pending:
+            queued.append(self.pending.pop(self.replica.master.step + len(queued)))
+        self._replay(queued, to_step=iteration)
+        if self.replica.master.step < iteration:
+            bulk = self._bulk(bulk_port)
+            try:
+                self._replay(bulk.log_records(self.replica.master.step), to_step=iteration)
+            finally:
+                bulk.close()
+            if self.replica.master.step < iteration:
+                raise Resync("the coordinator's log does not reach the leased iteration")
         self.pending = {k: v for k, v in self.pending.items() if k >= self.replica.master.step}
 
     # -- work -----------------------------------------------------------------------------------------
@@ -218,17 +243,29 @@ class Worker:
         t0 = time.perf_counter()
         self.link.busy = True
         samples = 0
-        for u in lease.units:
-            t_unit = time.perf_counter()
-            ids, mask = self.train.batch(u["indices"])
-            s, c = self.replica.evaluate_member(u["seed"], u["sign"], lease.sigma, ids, mask, self.cfg.es.micro_batch)
-            results.append({"member": u["member"], "sign": u["sign"], "sum_r": s, "count": c})
-            samples += c
-            if self.slowdown > 1.0:  # test hook: emulate a slower machine
-                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t_unit))
+        error = None
+        try:
+            for u in lease.units:
+                t_unit = time.perf_counter()
+                ids, mask = self.train.batch(u["indices"])
+                s, c = self.replica.evaluate_member(u["seed"], u["sign"], lease.sigma, ids, mask,
+                                                    self.cfg.es.micro_batch)
+                results.append({"member": u["member"], "sign": u["sign"], "sum_r": s, "count": c})
+                samples += c
+                if self.slowdown > 1.0:  # test hook: emulate a slower machine
+                    time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t_unit))
+        except (RuntimeError, MemoryError, ValueError, IndexError) as err:
+            # Out of memory on a GPU, a driver fault, a batch this device cannot take: the units go
+            # back to the coordinator to be leased elsewhere, and this worker carries on.
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            self.say(f"worker {self.name}: evaluation failed ({error}); the lease goes back")
+            results = []
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         dt = time.perf_counter() - t0
         self.units_done += len(results)
-        self.throughput = samples / dt if dt > 0 else 0.0
+        if results:
+            self.throughput = samples / dt if dt > 0 else 0.0
         self.link.busy = False
         self.link.done_units = self.units_done
         self.link.throughput = self.throughput
@@ -237,24 +274,25 @@ class Worker:
             carried = {"state_iteration": self._unreported[0], "state_hash": self._unreported[1]}
             self._unreported = None
         self._flush_state()
+        if error is not None:
+            carried["error"] = error
         self.link.send(P.RESULT, lease_id=lease.lease_id, iteration=lease.iteration, results=results, eval_s=dt,
-                       **carried)
+                       update_s=float(self.update_s), **carried)
 
     # -- main loop ------------------------------------------------------------------------------------
     def run(self) -> int:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
-        self.digest = noise_digest(self.device)
-        if self.digest != noise_digest("cpu") and self.device.type != "cpu":
-            pass  # the coordinator compares against its own digest and rejects a mismatch
-        from .es.noise import self_test
+        from .es.selftest import check, run_selftest
 
-        for kind in ("gaussian", "rademacher"):
-            ok, got = self_test(kind, self.device)
-            if not ok:
-                self.say(f"worker: noise known-answer test failed on {self.device} ({kind}: {got[:16]}…); "
-                         "this device cannot reproduce the run's noise and must not join")
-                return EXIT_SELFTEST
+        # The digests go to the coordinator, which refuses a device whose answers differ from its
+        # own; a device that cannot even pass locally says why and stops here.
+        self.selftest = run_selftest(self.device)
+        ok, why = check(self.device)
+        if not ok:
+            self.say(f"worker: start-up self-test failed on {self.device}: {why}; this device cannot reproduce "
+                     "the run bit for bit and must not join")
+            return EXIT_SELFTEST
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         try:
             return self._serve()
@@ -274,12 +312,12 @@ class Worker:
     def _serve(self) -> int:
         welcome = self._register()
         while True:
-            bulk_port = int(welcome.get("bulk_port") or 0)
+            bulk_port = int(welcome.bulk_port)
             # Heartbeats start at once: a sync (download, model load, replay) can take a while.
             self.link.heartbeat_s = welcome.heartbeat_s
             self.link.worker_id = welcome.worker_id
             try:
-                self._sync(welcome.run_id, welcome.config_yaml, welcome.sync, bulk_port)
+                self._sync(welcome)
                 self.link.send(P.STATE, iteration=self.replica.master.step, state_hash=self._current_hash())
                 result = self._loop(bulk_port)
             except Resync as why:
@@ -320,7 +358,7 @@ class Worker:
             elif t == P.COMMIT:
                 rec = msg.record
                 if rec["iteration"] == self.replica.master.step:
-                    self._apply(rec)
+                    self._replay([rec])
                     self._publish_state()
                     if self.link.inbox.empty():
                         self._flush_state()  # no lease waiting to carry the report

@@ -269,6 +269,64 @@ def test_adam_record_carries_fp32_constants_with_bias_correction_for_the_step():
     assert rec["scales"]["mlp"] == f32(1.0 / 3 / 4 * 2.0 ** -16)
 
 
+# ================================================================================== non-finite fitness
+
+def _update_fields(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("rewards", "nonfinite")}
+
+
+@pytest.mark.parametrize("shaping", ["rank", "zscore"])
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_nonfinite_fitness_counts_as_the_lowest_finite_fitness_of_the_iteration(shaping, antithetic, bad):
+    es = es_cfg(f"es.shaping={shaping}", f"es.antithetic={str(antithetic).lower()}", "es.optimizer=sgd")
+    members = population(4, 2, 6, antithetic)
+    rewards = [-2.0, bad, -2.5, -1.2, bad, -3.0]
+    rec = close_iteration(es, 2, members, rewards, 0.1, 0.01, step=0)
+    as_worst = close_iteration(es, 2, members, [-2.0, -3.0, -2.5, -1.2, -3.0, -3.0], 0.1, 0.01, step=0)
+    assert _update_fields(rec) == _update_fields(as_worst)
+    assert rec["nonfinite"] == 2 and as_worst["nonfinite"] == 0
+    assert rec["rewards"][0] == -2.0 and not math.isfinite(rec["rewards"][1])  # kept as reported
+    assert any(rec["weights"]) and all(v > 0 for v in rec["scales"].values())
+
+
+def test_an_infinite_fitness_is_the_worst_not_the_best_and_ties_go_by_member_index():
+    es = es_cfg("es.shaping=rank", "es.antithetic=false", "es.optimizer=sgd")
+    members = population(0, 0, 4, antithetic=False)
+    # +inf → 0.0 (the lowest finite), tied with member 1: member 0 ranks first by index
+    assert close_iteration(es, 0, members, [math.inf, 0.0, 1.0, 2.0], 0.1, 0.1, 0)["weights"] == [-3, -1, 1, 3]
+    assert close_iteration(es, 0, members, [1.0, 0.0, math.nan, 2.0], 0.1, 0.1, 0)["weights"] == [1, -3, -1, 3]
+
+
+def test_under_zscore_a_nonfinite_member_gets_the_weight_of_the_lowest_finite_one():
+    es = es_cfg("es.shaping=zscore", "es.antithetic=false", "es.optimizer=sgd")
+    rec = close_iteration(es, 0, population(0, 0, 5, False), [0.4, math.nan, -0.7, 0.1, math.nan], 0.1, 0.1, 0)
+    w = rec["weights"]
+    assert w[1] == w[4] == w[2] == min(w) < 0 and rec["nonfinite"] == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_when_every_fitness_is_nonfinite_the_commit_changes_nothing(optimizer, antithetic):
+    es = es_cfg(f"es.optimizer={optimizer}", f"es.antithetic={str(antithetic).lower()}")
+    state = MasterState.from_named(tiny_qwen3().named_parameters(), optimizer=optimizer)
+    good = close_iteration(es, 0, population(0, 0, 4, True), [0.3, 0.1, 0.5, 0.2], 1e-3, 0.01, step=0)
+    apply_commit(state, good, NoiseSource())  # non-zero Adam moments, which must then stay put
+    before = {n: t.clone() for n, t in state.tensors().items()}
+    rec = close_iteration(es, 1, population(0, 1, 4, antithetic), [math.nan, math.inf, -math.inf, math.nan],
+                          1e-3, 0.01, step=1)
+    assert rec["nonfinite"] == 4 and set(rec["weights"]) == {0}
+    assert set(rec["scales"].values()) == {0.0}
+    apply_commit(state, rec, NoiseSource())
+    assert all(torch.equal(t, before[n]) for n, t in state.tensors().items())
+    assert state.step == 2 and state.iteration == 1
+
+
+def test_a_finite_iteration_reports_zero_nonfinite_members():
+    es = es_cfg("es.shaping=rank")
+    assert close_iteration(es, 0, population(0, 0, 4, True), [0.1, 0.2, 0.3, 0.4], 0.1, 0.1, 0)["nonfinite"] == 0
+
+
 # ================================================================================== the update
 
 def _reference_update(state0: dict[str, torch.Tensor], groups: dict[str, str], tids: dict[str, int],
@@ -414,3 +472,90 @@ def test_the_first_adam_step_moves_each_weight_by_the_learning_rate_times_the_si
         assert torch.allclose(delta[big], lr * ghat[big].sign(), rtol=1e-4, atol=1e-9), p.name
     m = state.adam_m["model.norm.weight"]
     assert float(m.abs().max()) > 0
+
+
+# ================================================================================== paired antithetic shaping
+
+def test_paired_rank_shaping_ranks_all_raw_rewards_and_weights_a_seed_by_the_difference():
+    from ea4llm_pool.es.shaping import shape_paired
+
+    es = es_cfg("es.pairing=paired", "es.shaping=rank", "es.optimizer=sgd")
+    members = population(0, 0, 4, antithetic=True)
+    rewards = [0.1, 0.4, 0.3, 0.2]  # (r+0, r-0, r+1, r-1)
+    # ranks of the raw rewards 0.1→0, 0.2→1, 0.3→2, 0.4→3; W = 2·rank − 3 = −3, +3, +1, −1
+    assert shape_paired(rewards, [1, -1, 1, -1], "rank") == ([-3, -3, 1, 1], 1 / 3)
+    rec = close_iteration(es, 0, members, rewards, alpha=0.1, sigma=0.01, step=0)
+    assert rec["weights"] == [-3 - 3, 1 - (-1)]
+    assert all(type(w) is int for w in rec["weights"])
+    # the paper's Eq. 10 (signed rewards 0.1, −0.4, 0.3, −0.2 ranked together) gives other weights
+    signed = close_iteration(es_cfg("es.shaping=rank", "es.optimizer=sgd"), 0, members, rewards, 0.1, 0.01, 0)
+    assert signed["weights"] == [1 + (-3), 3 + (-1)]
+    assert rec["scales"] == signed["scales"]  # same c: only the integers differ
+
+
+def test_paired_zscore_weights_are_integers_that_ignore_the_loss_level_unlike_signed_ones():
+    members = population(3, 0, 8, antithetic=True)
+    spread = [0.03, -0.01, 0.02, 0.00, -0.02, 0.01, 0.04, -0.03]
+    weights = {}
+    for pairing in ("signed", "paired"):
+        es = es_cfg("es.shaping=zscore", f"es.pairing={pairing}", "es.optimizer=sgd")
+        for level in (-7.0, -2.0):
+            rec = close_iteration(es, 0, members, [level + s for s in spread], 0.1, 0.01, 0)
+            assert all(type(w) is int for w in rec["weights"])
+            weights[pairing, level] = rec["weights"]
+    # paired: z-scores of the raw rewards do not move with the level (up to the last quantum)
+    assert all(abs(a - b) <= 1 for a, b in zip(weights["paired", -7.0], weights["paired", -2.0]))
+    # signed: σ_r measures the gap between the ±r̄ clusters, so the weights follow the level
+    ratio = [a / b for a, b in zip(weights["signed", -2.0], weights["signed", -7.0])]
+    assert min(ratio) > 3.0
+
+
+def test_paired_shaping_needs_antithetic_pairs():
+    from ea4llm_pool import UserError
+
+    with pytest.raises(UserError, match="pairing 'paired'.*antithetic"):
+        es_cfg("es.pairing=paired", "es.antithetic=false", "es.population=4")
+
+
+def test_a_paired_commit_applies_exactly_like_any_other():
+    es = es_cfg("es.pairing=paired", "es.shaping=zscore", "es.optimizer=sgd")
+    model = tiny_qwen3()
+    a = MasterState.from_named(model.named_parameters(), optimizer="sgd")
+    b = MasterState.from_named(model.named_parameters(), optimizer="sgd")
+    rec = close_iteration(es, 0, population(1, 0, 6, True), [-6.9, -6.8, -7.1, -6.95, -7.0, -6.85], 1e-3, 0.01, 0)
+    apply_commit(a, rec, NoiseSource())
+    apply_commit(b, rec, NoiseSource(chunk=1024))
+    assert state_hash(a) == state_hash(b)
+    before = {n: t.detach().reshape(-1) for n, t in model.named_parameters()}
+    assert any(not torch.equal(p.flat, before[p.name]) for p in a.params)
+
+
+# ================================================================================== warm-up and decay of α
+
+def test_warmup_then_cosine_or_linear_decay_to_the_floor():
+    from ea4llm_pool.es.schedule import warmup_decay
+
+    assert warmup_decay(0, 10, "cosine", 110, 0.1) == pytest.approx(0.1)
+    assert warmup_decay(9, 10, "cosine", 110, 0.1) == 1.0
+    assert warmup_decay(10, 10, "cosine", 110, 0.1) == 1.0
+    assert warmup_decay(60, 10, "cosine", 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_decay(35, 10, "linear", 110, 0.2) == pytest.approx(0.2 + 0.8 * 0.75)
+    assert warmup_decay(110, 10, "cosine", 110, 0.1) == warmup_decay(10 ** 6, 10, "linear", 110, 0.1) == 0.1
+    assert warmup_decay(5, 0, "none", 0, 0.1) == 1.0
+
+
+def test_alpha_at_composes_the_step_decay_with_warmup_and_decay():
+    es = es_cfg("es.alpha=0.01", "es.schedule.alpha_step=50", "es.schedule.alpha_gamma=0.5",
+                "es.alpha_warmup=4", "es.alpha_decay=linear", "es.alpha_decay_end=104", "es.alpha_decay_floor=0.0")
+    assert alpha_at(es, 0) == pytest.approx(0.01 * 0.25)
+    assert alpha_at(es, 54) == pytest.approx(0.01 * 0.5 * 0.5)
+    assert alpha_at(es, 104) == 0.0
+    plain = es_cfg("es.alpha=0.01", "es.schedule.alpha_step=50", "es.schedule.alpha_gamma=0.5")
+    assert [alpha_at(plain, t) for t in (0, 49, 50, 120)] == [step_decay(0.01, 0.5, 50, t) for t in (0, 49, 50, 120)]
+
+
+def test_a_decay_must_end_after_the_warmup():
+    from ea4llm_pool import UserError
+
+    with pytest.raises(UserError, match="alpha_decay_end"):
+        es_cfg("es.alpha_warmup=10", "es.alpha_decay=cosine", "es.alpha_decay_end=10")

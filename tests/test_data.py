@@ -240,3 +240,45 @@ def test_digest_indices_is_short_and_order_sensitive():
     d = digest_indices([1, 2, 3])
     assert len(d) == 16 and int(d, 16) >= 0
     assert d == digest_indices(np.array([1, 2, 3])) != digest_indices([3, 2, 1])
+
+
+# ----------------------------------------------------------------------------- padding trim
+
+
+def test_a_batch_is_cut_after_its_longest_sample_and_keeps_the_rest_as_stored():
+    ids = np.arange(40).reshape(4, 10)
+    mask = np.zeros((4, 10), dtype=np.int64)
+    for row, n in enumerate((3, 7, 2, 5)):
+        mask[row, :n] = 1
+    s = SampleSet(ids, mask)
+    b_ids, b_mask = s.batch([2, 0, 3])
+    assert b_ids.shape == b_mask.shape == (3, 5)
+    assert b_ids.tolist() == ids[[2, 0, 3], :5].tolist() and b_mask.tolist() == mask[[2, 0, 3], :5].tolist()
+    assert b_ids.is_contiguous() and b_mask.is_contiguous()
+    assert s.batch([1, 2])[0].shape == (2, 7)
+
+
+def test_packed_windows_are_never_trimmed(default_samples):
+    ids, mask = default_samples[0].batch([0, 5, 9])
+    assert ids.shape == mask.shape == (3, 64)
+
+
+def test_trimming_the_padding_leaves_every_samples_fitness_unchanged(tok, pydoc_texts):
+    from ea4llm_pool.es.fitness import fitness_sums, sample_rewards
+    from ea4llm_pool.model import build_model
+
+    cfg = cfg_with("data.packing=false", "data.seq_len=128", "data.max_lines=2000")
+    train, _ = prepare_samples(cfg, tok, pydoc_texts[:2000])
+    model = build_model(cfg, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    idx = subset_indices(len(train), 48, seed=3, iteration=0)
+    ids, mask = train.batch(idx)
+    full_ids = torch.from_numpy(train.input_ids[idx])
+    full_mask = torch.from_numpy(train.mask[idx])
+    assert ids.shape[1] < full_ids.shape[1] == 128  # pydoc lines are far shorter than 128 tokens
+    assert ids.shape[1] == int(train.mask[idx].sum(axis=1).max())
+    assert torch.allclose(sample_rewards(model, ids, mask), sample_rewards(model, full_ids, full_mask),
+                          rtol=1e-6, atol=1e-6)
+    trimmed_sum, trimmed_n = fitness_sums(model, ids, mask, micro_batch=16)
+    full_sum, full_n = fitness_sums(model, full_ids, full_mask, micro_batch=16)
+    assert trimmed_n == full_n == 48
+    assert trimmed_sum == pytest.approx(full_sum, rel=1e-6, abs=1e-6)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from ea4llm_pool import UserError
 from ea4llm_pool.config import load
 from ea4llm_pool.model import (PRESETS, build_model, check_seq_len, count_parameters, max_positions,
-                               preset_config)
+                               preset_config, vocab_note)
 
 
 def cfg_with(*overrides):
@@ -35,15 +35,25 @@ def test_small_preset_has_a_few_million_parameters():
     assert count_parameters(model) == 3_410_688
 
 
-def test_paper_1b_preset_is_the_papers_appendix_a4_and_has_837m_parameters():
-    c = preset_config(cfg_with("model.preset=paper-1b"), vocab_size=1024, pad_token_id=0)
+def meta_parameters(config) -> int:
+    with torch.device("meta"):  # shapes only: no multi-GB allocation
+        return count_parameters(AutoModelForCausalLM.from_config(config))
+
+
+def test_paper_1b_preset_is_the_papers_appendix_a4_and_has_837m_parameters_at_its_vocab():
+    c = preset_config(cfg_with("model.preset=paper-1b"), vocab_size=151_936, pad_token_id=0)
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (151_936, 1536, 4096, 24)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (12, 4, 128)
     assert c.max_position_embeddings == 32_768 and c.attention_bias is False
     assert c.tie_word_embeddings and c.use_cache is False and c.attention_dropout == 0.0
-    with torch.device("meta"):  # shapes only: no 3.3 GB allocation
-        model = AutoModelForCausalLM.from_config(c)
-    assert count_parameters(model) == 837_434_880
+    assert PRESETS["paper-1b"]["vocab_size"] == 151_936
+    assert meta_parameters(c) == 837_434_880
+
+
+def test_paper_1b_with_a_small_tokenizer_drops_the_232m_embedding_rows_it_could_never_use():
+    c = preset_config(cfg_with("model.preset=paper-1b"), vocab_size=1024, pad_token_id=0)
+    assert c.vocab_size == 1024 and c.hidden_size == 1536 and c.num_hidden_layers == 24
+    assert meta_parameters(c) == 837_434_880 - (151_936 - 1024) * 1536 == 605_634_048
 
 
 def test_every_preset_is_cache_free_dropout_free_and_tied():
@@ -54,8 +64,38 @@ def test_every_preset_is_cache_free_dropout_free_and_tied():
 
 def test_a_preset_takes_its_vocabulary_from_the_tokenizer():
     assert preset_config(cfg_with(), vocab_size=4000, pad_token_id=0).vocab_size == 4000
-    # a tokenizer larger than paper-1b's padded table grows it
+    # smaller or larger than the table paper-1b names: the tokenizer decides either way
+    assert preset_config(cfg_with("model.preset=paper-1b"), 151_669, 0).vocab_size == 151_669
     assert preset_config(cfg_with("model.preset=paper-1b"), 160_000, 0).vocab_size == 160_000
+
+
+def test_a_built_preset_model_embeds_exactly_the_tokenizers_vocabulary():
+    # small layers so a real model is cheap; the preset still names its own 151,936-row table
+    cfg = cfg_with("model.preset=paper-1b", "model.hidden_size=32", "model.intermediate_size=64",
+                   "model.num_hidden_layers=1", "model.head_dim=8")
+    model = build_model(cfg, vocab_size=300, pad_token_id=0)
+    assert model.model.embed_tokens.weight.shape == (300, 32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.vocab_size == 300
+
+
+def test_the_vocab_note_says_what_a_larger_preset_table_would_have_cost():
+    paper = cfg_with("model.preset=paper-1b")
+    assert vocab_note(paper, 1024, 1024) == ("vocab 1,024 (sized to the tokenizer; the paper-1b preset's "
+                                             "151,936 would add 232M unused parameters)")
+    assert vocab_note(paper, 151_669, 151_669).endswith("151,936 would add 410k unused parameters)")
+    untied = cfg_with("model.preset=paper-1b", "model.tie_word_embeddings=false", "model.hidden_size=8")
+    assert vocab_note(untied, 151_935, 151_935).endswith("would add 16 unused parameters)")  # embedding + head
+    assert vocab_note(paper, 160_000, 160_000) == "vocab 160,000 (sized to the tokenizer)"
+    assert vocab_note(cfg_with(), 1024, 1024) == "vocab 1,024 (sized to the tokenizer)"
+
+
+def test_a_pretrained_model_keeps_its_own_vocabulary(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    cfg = cfg_with(f"model.name_or_path={tmp_path}")
+    assert build_model(cfg, vocab_size=600, pad_token_id=0).config.vocab_size == 1024
+    assert vocab_note(cfg, 1024, 600) == "vocab 1,024 (the model's own; the tokenizer uses 600)"
+    assert vocab_note(cfg, 1024, 1024) == "vocab 1,024 (the model's own)"
 
 
 def test_the_built_model_is_fp32_frozen_in_eval_mode_with_tied_embeddings(tiny):

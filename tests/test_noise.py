@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from ea4llm_pool.es.noise import (FRAC_BITS, KNOWN_ANSWER_CASES, KNOWN_ANSWER_DIGEST, ONE, TABLE_PATH,
-                                  TABLE_SHA256, NoiseSource, known_answer_digest, self_test, stream_key,
-                                  tensor_id)
+                                  TABLE_SHA256, NoiseSource, default_chunk, known_answer_digest, self_test,
+                                  stream_key, tensor_id)
 
 KNOWN_ANSWERS = Path(__file__).parent / "data" / "noise_known_answers.json"
 
@@ -153,6 +153,24 @@ def test_cuda_reproduces_the_cpu_noise_bit_for_bit():
         cpu = NoiseSource(kind).eps(3, tid, 0, 100_003)
         gpu = NoiseSource(kind, "cuda").eps(3, tid, 0, 100_003).cpu()
         assert torch.equal(cpu, gpu)
+
+
+@pytest.mark.parametrize("chunk", [12, 1000])
+def test_accumulate_is_the_weighted_sum_of_the_streams_in_int64(chunk):
+    src = NoiseSource(chunk=chunk)
+    tid = tensor_id("model.layers.2.mlp.up_proj.weight")
+    seeds, weights = [5, (1 << 64) - 1, 9], [3, -(1 << 40), 0]
+    want = sum(w * src.q(s, tid, 8, 2503).to(torch.int64) for s, w in zip(seeds, weights))
+    assert torch.equal(src.accumulate(seeds, weights, tid, 8, 2503), want)
+    assert torch.equal(src.accumulate([], [], tid, 8, 7), torch.zeros(7, dtype=torch.int64))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        src.accumulate(seeds, weights, tid, 6, 10)
+
+
+def test_the_chunk_defaults_to_the_devices_own():
+    assert NoiseSource().chunk == NoiseSource(chunk=0).chunk == default_chunk("cpu") == 1 << 18
+    assert default_chunk("cuda:0") == 1 << 24
+    assert NoiseSource(chunk=1030).chunk == 1028      # whole hashes
 
 
 # ------------------------------------------------------------------------------ the table

@@ -19,7 +19,7 @@ from ea4llm_pool.es.population import population
 from ea4llm_pool.es.schedule import alpha_at, sigma_at
 from ea4llm_pool.es.state import MasterState
 from ea4llm_pool.es.statehash import state_hash
-from ea4llm_pool.es import update
+from ea4llm_pool.es import kernels, update
 from ea4llm_pool.es.update import apply_commit
 
 SHAPES = {
@@ -53,19 +53,19 @@ def _master(optimizer: str) -> MasterState:
     return MasterState.from_named(named, optimizer)
 
 
-def _trajectory(optimizer: str, shaping: str, noise: str, threads: int) -> list[str]:
+def _trajectory(optimizer: str, shaping: str, noise: str, threads: int, compiled: bool = False) -> list[str]:
     torch.set_num_threads(threads)
     es = from_dict({"es": {"optimizer": optimizer, "shaping": shaping, "noise": noise, "population": 8,
                            "alpha": 0.01, "sigma": 0.02, "antithetic": True}}, "kat").es
     state = _master(optimizer)
-    src = NoiseSource(noise, "cpu", chunk=1 << 9)  # small chunks: chunk boundaries inside tensors
-    hashes = [state_hash(state)]
+    src = NoiseSource(noise, "cpu", chunk=1 << 9, compiled=compiled)  # chunk boundaries inside tensors
+    hashes = [state_hash(state, compiled=compiled)]
     for t in range(3):
         members = population(11, t, es.population, es.antithetic)
         rewards = [-6.0 + 0.01 * ((7 * m.member + 3 * t) % 11) for m in members]
         rec = close_iteration(es, t, members, rewards, alpha_at(es, t), sigma_at(es, t), state.step)
         apply_commit(state, rec, src)
-        hashes.append(state_hash(state))
+        hashes.append(state_hash(state, compiled=compiled))
     return hashes
 
 
@@ -79,6 +79,20 @@ def test_update_and_state_hash_known_answers(case, small, monkeypatch):
     try:
         got = _trajectory(*case, threads=1)
         assert _trajectory(*case, threads=2) == got
+    finally:
+        torch.set_num_threads(old)
+    assert got == EXPECTED[case], f"{case}: {got}"
+
+
+@pytest.mark.skipif(not kernels.probe("cpu")[0], reason="torch.compile unavailable here")
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_the_compiled_kernels_land_on_the_same_known_answers(case, monkeypatch):
+    """Every tensor through the compiled accumulator (SMALL = 0), one thread (the compiled kernels
+    are shared across tests; another thread count would compile them again)."""
+    monkeypatch.setattr(update, "SMALL", 0)
+    old = torch.get_num_threads()
+    try:
+        got = _trajectory(*case, threads=1, compiled=True)
     finally:
         torch.set_num_threads(old)
     assert got == EXPECTED[case], f"{case}: {got}"

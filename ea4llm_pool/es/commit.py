@@ -13,7 +13,7 @@ from .groups import GROUPS
 from .noise import FRAC_BITS
 from .perturb import fp32
 from .population import Member
-from .shaping import shape
+from .shaping import shape, shape_paired, worst_for_nonfinite
 
 
 def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequence[float],
@@ -23,13 +23,28 @@ def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequ
     ``step`` is the number of commits applied before this one (for Adam's bias correction).
     Signed rewards s_j·r_j are shaped together (paper Eq. 10), and each weight multiplies its
     seed's *base* noise ε_b, so an antithetic pair contributes ≈ (r₊ − r₋)·ε_b.
+    With ``es.pairing: paired`` the raw rewards are shaped together instead and the pair
+    contributes (W(r₊) − W(r₋))·ε_b.
+
+    A NaN or ±inf fitness counts as the iteration's lowest finite fitness (before signing); if no
+    member is finite, every weight and scale is 0, so applying the record changes no weight and no
+    optimizer moment. ``record["nonfinite"]`` counts such members; ``record["rewards"]`` keeps the
+    values as reported.
     """
-    signed = [m.sign * r for m, r in zip(members, rewards)] if es.antithetic else list(rewards)
-    w_int, w_scale = shape(signed, es.shaping)
+    fitness, nonfinite = worst_for_nonfinite(rewards)
+    n = len(members)
+    step_taken = nonfinite < n
+    signed = [m.sign * r for m, r in zip(members, fitness)] if es.antithetic else list(fitness)
+    if step_taken and es.antithetic and es.pairing == "paired":
+        # Raw rewards shaped together; the sign goes on the weight (es/shaping.py, shape_paired).
+        w_int, w_scale = shape_paired(fitness, [m.sign for m in members], es.shaping)
+    elif step_taken:
+        w_int, w_scale = shape(signed, es.shaping)
+    else:
+        w_int, w_scale = [0] * n, 0.0
     per_seed: "OrderedDict[int, int]" = OrderedDict()
     for m, w in zip(members, w_int):
         per_seed[m.seed] = per_seed.get(m.seed, 0) + w
-    n = len(members)
     s = sigma if es.nes_scaling else 1.0
     # ĝ_g per unit of int64 accumulator: (1/N) · w_scale · 2^-16, divided by s (Eq. 14).
     ghat = w_scale / n / s / float(1 << FRAC_BITS)
@@ -41,6 +56,7 @@ def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequ
         "weights": list(per_seed.values()),
         "members": [[m.member, m.seed, m.sign] for m in members],
         "rewards": [float(r) for r in rewards],
+        "nonfinite": nonfinite,
     }
     ga = es.group_alpha.as_dict()
     if es.optimizer == "sgd":
@@ -49,7 +65,8 @@ def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequ
     else:
         t = step + 1
         b1, b2 = es.adam_beta1, es.adam_beta2
-        record["scales"] = {g: (fp32(ghat) if ga[g] > 0 else 0.0) for g in GROUPS}
+        # A zero scale leaves the group's moments alone too (apply_commit skips the group).
+        record["scales"] = {g: (fp32(ghat) if ga[g] > 0 and step_taken else 0.0) for g in GROUPS}
         record["adam"] = {
             "beta1": fp32(b1), "one_minus_beta1": fp32(1.0 - b1),
             "beta2": fp32(b2), "one_minus_beta2": fp32(1.0 - b2),

@@ -57,6 +57,12 @@ def fitness_sums(model, ids: torch.Tensor, mask: torch.Tensor, micro_batch: int)
     """(Σ R, number of samples) over all rows of ``ids``, in micro-batches."""
     total = 0.0
     for s in range(0, ids.shape[0], micro_batch):
-        r = sample_rewards(model, ids[s: s + micro_batch], mask[s: s + micro_batch])
+        mb_ids, mb_mask = ids[s: s + micro_batch], mask[s: s + micro_batch]
+        # Right padding past this micro-batch's longest sample is never scored: skip its width.
+        real = mb_mask.any(dim=0).nonzero()
+        if real.numel():
+            width = int(real[-1]) + 1
+            mb_ids, mb_mask = mb_ids[:, :width], mb_mask[:, :width]
+        r = sample_rewards(model, mb_ids, mb_mask)
         total += float(r.double().sum().item())
     return total, int(ids.shape[0])

@@ -28,7 +28,9 @@ def write_center(state: MasterState, working: dict[str, torch.Tensor]) -> None:
 
 def write_member(state: MasterState, working: dict[str, torch.Tensor], noise: NoiseSource,
                  seed: int, sign: int, sigma: float, group_sigma: dict[str, float]) -> None:
-    buf = torch.empty(noise.chunk, dtype=torch.float32, device=noise.device)
+    # A compiled source hands back its kernel's own ε (exact table values); the scaling and the add
+    # below stay separate eager kernels either way (see kernels.py on fused multiply-adds).
+    buf = None if noise.compiled else torch.empty(noise.chunk, dtype=torch.float32, device=noise.device)
     for p in state.params:
         dst = working[p.name].view(-1)
         s = fp32(sign * sigma * group_sigma[p.group])
@@ -38,7 +40,7 @@ def write_member(state: MasterState, working: dict[str, torch.Tensor], noise: No
         n = p.flat.numel()
         for off in range(0, n, noise.chunk):
             k = min(noise.chunk, n - off)
-            e = noise.eps(seed, p.tid, off, k, out=buf[:k])
+            e = noise.eps(seed, p.tid, off, k, out=None if buf is None else buf[:k])
             e.mul_(s)
             e.add_(p.flat[off: off + k])
             dst[off: off + k].copy_(e)

@@ -42,8 +42,38 @@ def zscore_weights(rewards: Sequence[float]) -> tuple[list[int], float]:
 SHAPERS = {"rank": rank_weights, "zscore": zscore_weights}
 
 
+def worst_for_nonfinite(fitness: Sequence[float]) -> tuple[list[float], int]:
+    """Each NaN or ±inf fitness replaced by the lowest finite one, and how many were replaced.
+
+    A diverged member (overflow in bf16, a bad device) is the worst of its iteration rather than a
+    reason to stall it; giving it the lowest finite value (not −inf) keeps z-scores finite, and
+    rank ties with that value are broken by member index like any other tie. With no finite value
+    at all there is nothing to substitute: the list is returned unchanged (the caller skips the step).
+    """
+    finite = [f for f in fitness if math.isfinite(f)]
+    if not finite:
+        return list(fitness), len(fitness)
+    low = min(finite)
+    return [f if math.isfinite(f) else low for f in fitness], len(fitness) - len(finite)
+
+
 def shape(rewards: Sequence[float], kind: str) -> tuple[list[int], float]:
     """Integer weights W_j and the scale c such that the paper's w_j = c·W_j."""
     if any(not math.isfinite(r) for r in rewards):
         raise ValueError("non-finite reward reached shaping")
     return SHAPERS[kind](rewards)
+
+
+def shape_paired(rewards: Sequence[float], signs: Sequence[int], kind: str) -> tuple[list[int], float]:
+    """Paired antithetic shaping (OpenAI ES; EGGROLL): all raw rewards shaped together, member j
+    weighted s_j·W(r_j), so seed k accumulates W(r₊ₖ) − W(r₋ₖ) on its base noise.
+
+    Eq. 10 shapes the *signed* rewards instead: ranks then order each sign apart, and a z-score's
+    σ_r measures the gap between the two sign clusters (≈ 2|r̄|), so the step follows the loss level
+    rather than the spread of the rewards. Here σ_r is the rewards' own spread. The differences of
+    integers are integers, with the same scale c, so the update stays exact.
+    """
+    if len(signs) != len(rewards) or any(s not in (1, -1) for s in signs):
+        raise ValueError("paired shaping needs one sign (+1 or -1) per reward")
+    weights, scale = shape(rewards, kind)
+    return [s * w for s, w in zip(signs, weights)], scale

@@ -68,32 +68,29 @@ def _step(theta, m, v, gg, tt, adam, lr) -> None:
 
 
 def _update_large(state, params, terms, scales, adam, noise) -> None:
-    """Tensor by tensor, chunk by chunk (memory stays at a few chunk buffers)."""
+    """Tensor by tensor, chunk by chunk (memory stays at a few chunk buffers). The integer
+    accumulator may come from a compiled kernel (``noise.compiled``); the float steps below never
+    do, see kernels.py."""
     chunk = noise.chunk
     dev = noise.device
-    acc = torch.empty(chunk, dtype=torch.int64, device=dev)
-    q = torch.empty(chunk, dtype=torch.int32, device=dev)
-    q64 = torch.empty(chunk, dtype=torch.int64, device=dev)
+    seeds = [s for s, _ in terms]
+    weights = [w for _, w in terms]
+    acc = None if noise.compiled else torch.empty(chunk, dtype=torch.int64, device=dev)
     g = torch.empty(chunk, dtype=torch.float32, device=dev)
-    tmp = torch.empty(chunk, dtype=torch.float32, device=dev)
+    tmp = torch.empty(chunk, dtype=torch.float32, device=dev) if adam is not None else None
     for p in params:
         scale = float(scales[p.group])
         n = p.flat.numel()
         for off in range(0, n, chunk):
             k = min(chunk, n - off)
-            a, qq, qw, gg, tt = acc[:k], q[:k], q64[:k], g[:k], tmp[:k]
-            a.zero_()
-            for seed, w in terms:
-                noise.q(seed, p.tid, off, k, out=qq)
-                qw.copy_(qq)
-                qw.mul_(w)
-                a.add_(qw)
+            a = noise.accumulate(seeds, weights, p.tid, off, k, None if acc is None else acc[:k])
+            gg = g[:k]
             gg.copy_(a)              # int64 → fp32, one rounding
             gg.mul_(scale)           # ĝ (sgd: the whole step) in parameter units
             m = state.adam_m[p.name][off: off + k] if adam is not None else None
             v = state.adam_v[p.name][off: off + k] if adam is not None else None
             lr = adam["lr_over_bc1"][p.group] if adam is not None else None
-            _step(p.flat[off: off + k], m, v, gg, tt, adam, lr)
+            _step(p.flat[off: off + k], m, v, gg, None if tmp is None else tmp[:k], adam, lr)
 
 
 def _packs(params, limit: int) -> list[list]:
