@@ -12,7 +12,7 @@ from ea4llm_pool import UserError
 from ea4llm_pool.config import GROUPS, Config, apply_overrides, load
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "experiment.yaml")  # run configs
 VARIANTS = sorted(CONFIGS.glob("variant-*.yaml"))
 
 
