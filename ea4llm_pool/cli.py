@@ -326,10 +326,8 @@ def coordinator(config, out, bind, iterations, shards, resume, device, threads, 
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="where synced checkpoints are kept")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="refuse to join unless the coordinator runs this config")
-@click.option("--slowdown", type=float, default=1.0, hidden=True, help="test hook: evaluate this many times slower")
-@click.option("--protocol-version", type=int, default=None, hidden=True, help="test hook: announce another protocol version")
 @guarded
-def worker(connect, device, dtype, threads, name, cache, config, slowdown, protocol_version):
+def worker(connect, device, dtype, threads, name, cache, config):
     """Join a coordinator's pool and evaluate members on this device."""
     from .worker import main as worker_main
 
@@ -338,7 +336,7 @@ def worker(connect, device, dtype, threads, name, cache, config, slowdown, proto
     if dtype is None:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     cfg = _load_cfg(config, ()) if config else None
-    sys.exit(worker_main(connect, device, dtype, threads, name, cache, cfg, slowdown, protocol_version))
+    sys.exit(worker_main(connect, device, dtype, threads, name, cache, cfg))
 
 
 @cli.command()

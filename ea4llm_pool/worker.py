@@ -50,7 +50,7 @@ class Resync(Exception):
 class Worker:
     def __init__(self, connect: str, device: str = "cpu", dtype: str = "fp32", threads: int = 1,
                  name: Optional[str] = None, cache: Optional[str] = None, config: Optional[Config] = None,
-                 slowdown: float = 1.0, say: Callable[[str], None] = print, protocol_version: Optional[int] = None):
+                 say: Callable[[str], None] = print):
         self.connect = check_endpoint(connect)
         self.device = resolve_device(device)
         self.dtype = dtype
@@ -58,9 +58,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.cache = Path(cache or os.environ.get("EA4LLM_CACHE", Path.home() / ".cache" / "ea4llm-pool"))
         self.expected_config = config
-        self.slowdown = slowdown
         self.say = say
-        self.protocol_version = protocol_version
         self.ctx = zmq.Context.instance()
         self.link: Optional[Link] = None
         self.replica: Optional[Replica] = None
@@ -85,10 +83,6 @@ class Worker:
                       threads=max(1, torch.get_num_threads()), throughput=float(self.throughput),
                       worker_name=self.name, pid=os.getpid(), state_iteration=state_it,
                       state_hash=self.replica.state_hash() if self.replica is not None else "")
-        if self.protocol_version is not None:  # test hook: pretend to speak another version
-            import msgpack
-
-            return msgpack.packb({"v": self.protocol_version, "type": P.HELLO, **fields})
         return P.encode(P.HELLO, **fields)
 
     def _register(self) -> P.Message:
@@ -246,14 +240,11 @@ class Worker:
         error = None
         try:
             for u in lease.units:
-                t_unit = time.perf_counter()
                 ids, mask = self.train.batch(u["indices"])
                 s, c = self.replica.evaluate_member(u["seed"], u["sign"], lease.sigma, ids, mask,
                                                     self.cfg.es.micro_batch)
                 results.append({"member": u["member"], "sign": u["sign"], "sum_r": s, "count": c})
                 samples += c
-                if self.slowdown > 1.0:  # test hook: emulate a slower machine
-                    time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t_unit))
         except (RuntimeError, MemoryError, ValueError, IndexError) as err:
             # Out of memory on a GPU, a driver fault, a batch this device cannot take: the units go
             # back to the coordinator to be leased elsewhere, and this worker carries on.
@@ -380,7 +371,6 @@ class Worker:
 
 
 def main(connect: str, device: str, dtype: str, threads: int, name: Optional[str], cache: Optional[str],
-         config: Optional[Config], slowdown: float, protocol_version: Optional[int] = None) -> int:
-    w = Worker(connect, device, dtype, threads, name, cache, config, slowdown, protocol_version=protocol_version,
-               say=lambda s: print(s, flush=True))
+         config: Optional[Config]) -> int:
+    w = Worker(connect, device, dtype, threads, name, cache, config, say=lambda s: print(s, flush=True))
     return w.run()

@@ -83,10 +83,16 @@ def coordinator(tmp: Path, cfg: Path, out: Path, port: int, *extra, name="coordi
                 tmp / f"{name}.log")
 
 
-def worker(tmp: Path, port: int, name: str, *extra, threads=1, dtype="fp32") -> Proc:
-    return Proc(cli("worker", "--connect", f"tcp://127.0.0.1:{port}", "--device", "cpu", "--dtype", dtype,
-                    "--threads", threads, "--name", name, "--cache", tmp / f"cache-{name}", *extra),
-                tmp / f"{name}.log")
+def worker(tmp: Path, port: int, name: str, *extra, threads=1, dtype="fp32", hooks=()) -> Proc:
+    """An ``ea4llm-pool worker`` process; ``hooks`` (options of tests/hooked_worker.py, e.g.
+    ("--slowdown", 3)) run it with one part replaced."""
+    args = ["worker", "--connect", f"tcp://127.0.0.1:{port}", "--device", "cpu", "--dtype", dtype,
+            "--threads", threads, "--name", name, "--cache", tmp / f"cache-{name}", *extra]
+    if hooks:
+        wrapper = Path(__file__).with_name("hooked_worker.py")
+        cmd = [sys.executable, str(wrapper), *map(str, hooks), "--", *map(str, args[1:])]
+        return Proc(cmd, tmp / f"{name}.log")
+    return Proc(cli(*args), tmp / f"{name}.log")
 
 
 def metrics(out: Path) -> list[dict]:

@@ -69,8 +69,8 @@ def test_replicas_with_different_threads_and_dtypes_agree_after_every_iteration(
 def test_worker_sigkilled_mid_iteration_changes_nothing(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
     port, out, c = _start(tmp_path, cfg)
-    a = worker(tmp_path, port, "a", "--slowdown", "3")
-    b = worker(tmp_path, port, "b", "--slowdown", "3")
+    a = worker(tmp_path, port, "a", hooks=("--slowdown", 3))
+    b = worker(tmp_path, port, "b", hooks=("--slowdown", 3))
     wait_until(lambda: last_iteration(out) >= 3, 120, "iteration 3", [c, a, b])
     b.signal(signal.SIGKILL)
     _finish(c, [a])
@@ -81,8 +81,8 @@ def test_worker_frozen_past_its_lease_then_resumed_changes_nothing(tmp_path, poo
     cfg, ref = pool_cfg
     port, out, c = _start(tmp_path, cfg)
     # Slow enough that the run is still going when b wakes up (a alone must not finish it).
-    a = worker(tmp_path, port, "a", "--slowdown", "25")
-    b = worker(tmp_path, port, "b", "--slowdown", "3")
+    a = worker(tmp_path, port, "a", hooks=("--slowdown", 25))
+    b = worker(tmp_path, port, "b", hooks=("--slowdown", 3))
     wait_until(lambda: last_iteration(out) >= 3, 120, "iteration 3", [c, a, b])
     b.signal(signal.SIGSTOP)
     time.sleep(6)  # past worker_timeout_s (3 s) and lease_s (4 s)
@@ -96,7 +96,7 @@ def test_worker_frozen_past_its_lease_then_resumed_changes_nothing(tmp_path, poo
 def test_worker_joining_at_iteration_5_syncs_and_changes_nothing(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
     port, out, c = _start(tmp_path, cfg)
-    a = worker(tmp_path, port, "a", "--slowdown", "20")  # leaves the late joiner iterations to work on
+    a = worker(tmp_path, port, "a", hooks=("--slowdown", 20))  # leaves the late joiner iterations to work on
     wait_until(lambda: last_iteration(out) >= 5, 120, "iteration 5", [c, a])
     late = worker(tmp_path, port, "late")
     _finish(c, [a, late])
@@ -110,8 +110,8 @@ def test_worker_joining_at_iteration_5_syncs_and_changes_nothing(tmp_path, pool_
 def test_coordinator_sigkilled_and_resumed_ends_on_the_same_state(tmp_path, pool_cfg):
     cfg, ref = pool_cfg
     port, out, c = _start(tmp_path, cfg)
-    a = worker(tmp_path, port, "a", "--slowdown", "2")
-    b = worker(tmp_path, port, "b", "--slowdown", "2")
+    a = worker(tmp_path, port, "a", hooks=("--slowdown", 2))
+    b = worker(tmp_path, port, "b", hooks=("--slowdown", 2))
     wait_until(lambda: last_iteration(out) >= 6, 120, "iteration 6", [c, a, b])
     c.signal(signal.SIGKILL)
     c.wait(10)
@@ -130,7 +130,7 @@ def test_a_ten_times_slower_worker_does_not_stall_iterations(tmp_path):
         c = coordinator(tmp_path, cfg, out, port, name=f"coord-{tag}")
         ws = [worker(tmp_path, port, f"{tag}-fast1"), worker(tmp_path, port, f"{tag}-fast2")]
         if slow:
-            ws.append(worker(tmp_path, port, f"{tag}-slow", "--slowdown", "10"))
+            ws.append(worker(tmp_path, port, f"{tag}-slow", hooks=("--slowdown", 10)))
         _finish(c, ws)
         secs = [r["seconds"] for r in metrics(out) if r.get("seconds")][2:]  # skip joins
         return sum(secs) / len(secs)

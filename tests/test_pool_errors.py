@@ -32,7 +32,7 @@ def live_pool(tmp_path_factory):
 
 def test_worker_with_another_protocol_version_is_rejected_with_a_reason(live_pool):
     tmp, _, port, c = live_pool
-    w = worker(tmp, port, "oldversion", "--protocol-version", "99")
+    w = worker(tmp, port, "oldversion", hooks=("--protocol-version", 99))
     rc = w.wait(120)
     text = w.text()
     assert rc != 0, text
