@@ -130,8 +130,10 @@ def cli():
 
 # --------------------------------------------------------------------------------------------------
 def _worker_cmd(endpoint: str, device: str, dtype: str, threads: int, cache: Path, name: str) -> list[str]:
+    # --parent-pid: a local worker dies with this process, however this process dies.
     return [sys.executable, "-m", "ea4llm_pool", "worker", "--connect", endpoint, "--device", device,
-            "--dtype", dtype, "--threads", str(threads), "--cache", str(cache), "--name", name]
+            "--dtype", dtype, "--threads", str(threads), "--cache", str(cache), "--name", name,
+            "--parent-pid", str(os.getpid())]
 
 
 def _run_pool(cfg, out: Path, resume: bool, iterations, rt, shards: int) -> None:
@@ -292,17 +294,33 @@ def _train_inprocess(cfg, out: Path, resume: bool, iterations, rt) -> None:
               help="device of the reference replica (held-out loss, checkpoints): cpu, cuda:N, mps")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads of the reference replica (0 = up to 4)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key")
+@click.option("--keys", type=click.Path(file_okay=False), default=None,
+              help="CurveZMQ keys folder: DIR/coordinator.key_secret (made if missing) and DIR/authorized/*.key "
+                   "(the workers admitted; re-read while running)")
+@click.option("--insecure", is_flag=True, help="allow a non-loopback --bind without --keys (plain TCP: anyone who "
+              "reaches the port can join)")
+@click.option("--linger", type=click.FloatRange(min=0), default=None,
+              help="seconds to keep telling returning workers that the run is over [2 x pool.worker_timeout_s]")
 @guarded
-def coordinator(config, out, bind, iterations, shards, resume, device, threads, overrides):
+def coordinator(config, out, bind, iterations, shards, resume, device, threads, overrides, keys, insecure, linger):
     """Own a run and hand out work to workers that connect (any device, any machine)."""
+    from .auth import is_loopback
     from .coordinator import Coordinator, check_bind
     from .replica import resolve_device
 
+    if keys is None and not is_loopback(bind):
+        if not insecure:
+            raise UserError(f"--bind {bind} is reachable from other machines but no --keys were given, so anyone "
+                            "could join, read the run and steer it; pass --keys DIR (see `ea4llm-pool invite "
+                            "--help`), bind to 127.0.0.1, or pass --insecure on a network you trust")
+        click.echo(f"WARNING: --insecure: {bind} takes plain-TCP workers from anyone who can reach it, without "
+                   "authentication or encryption; use --keys DIR on any network you do not fully trust", err=True)
     cfg = None if resume else _load_cfg(config, overrides)
     check_bind(bind)  # before the run directory is made
     resolve_device(device)
     coord = Coordinator(cfg, out, bind, resume=resume, iterations=iterations, shards=shards, device=device,
-                        threads=threads or max(1, min(4, os.cpu_count() or 1)), say=_say)
+                        threads=threads or max(1, min(4, os.cpu_count() or 1)), say=_say, keys=keys,
+                        linger_s=linger)
     _say(coord.banner)
     _say_yardsticks(out, final=False)
     _say(f"coordinator listening on {coord.endpoint}; workers join with:\n  {coord.join_command()}")
@@ -318,7 +336,7 @@ def coordinator(config, out, bind, iterations, shards, resume, device, threads, 
 
 
 @cli.command()
-@click.option("--connect", required=True, help="coordinator control address, e.g. tcp://host:5555")
+@click.option("--connect", default=None, help="coordinator control address, e.g. tcp://host:5555 (default: the invite's)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None, help="evaluation dtype [bf16 on GPU, else fp32]")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0 = torch default)")
@@ -326,25 +344,50 @@ def coordinator(config, out, bind, iterations, shards, resume, device, threads, 
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="where synced checkpoints are kept")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="refuse to join unless the coordinator runs this config")
+@click.option("--invite", type=click.Path(dir_okay=False), default=None,
+              help="invite file from `ea4llm-pool invite` (address, this worker's keys, the coordinator's key)")
+@click.option("--key", type=click.Path(dir_okay=False), default=None, help="this worker's secret key (NAME.key_secret)")
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None,
+              help="the coordinator's public key (coordinator.key)")
+@click.option("--give-up-after", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="exit non-zero after this many seconds without reaching any coordinator")
+@click.option("--parent-pid", type=int, default=None, hidden=True, help="exit when this process (train) ends")
 @guarded
-def worker(connect, device, dtype, threads, name, cache, config):
+def worker(connect, device, dtype, threads, name, cache, config, invite, key, server_key, give_up_after, parent_pid):
     """Join a coordinator's pool and evaluate members on this device."""
     from .worker import main as worker_main
 
-    if not connect.startswith(("tcp://", "ipc://")):
-        raise UserError(f"--connect expects tcp://HOST:PORT, got '{connect}'")
+    creds, connect = _client(connect, invite, key, server_key)
     if dtype is None:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     cfg = _load_cfg(config, ()) if config else None
-    sys.exit(worker_main(connect, device, dtype, threads, name, cache, cfg))
+    sys.exit(worker_main(connect, device, dtype, threads, name or (creds.name if creds else None), cache, cfg,
+                         credentials=creds, give_up_after=give_up_after, parent_pid=parent_pid))
+
+
+def _client(connect: Optional[str], invite: Optional[str], key: Optional[str], server_key: Optional[str]):
+    """(credentials or None, address) from a client's --connect/--invite/--key/--server-key."""
+    from .auth import client_credentials
+
+    creds = client_credentials(invite, key, server_key)
+    connect = connect or (creds.connect if creds is not None else None)
+    if not connect:
+        raise UserError("--connect is required (or an --invite, which holds the address)")
+    from .link import check_endpoint
+
+    return creds, check_endpoint(connect)
 
 
 @cli.command()
-@click.option("--connect", required=True, help="coordinator control address, e.g. tcp://host:5555")
+@click.option("--connect", default=None, help="coordinator control address, e.g. tcp://host:5555")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="seconds to wait for an answer")
 @click.option("--json", "as_json", is_flag=True, help="print the raw snapshot as JSON")
+@click.option("--invite", type=click.Path(dir_okay=False), default=None, help="a worker's invite file (pool with keys)")
+@click.option("--key", type=click.Path(dir_okay=False), default=None,
+              help="an authorized secret key, e.g. KEYS/coordinator.key_secret on the coordinator's host")
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None, help="the coordinator's public key")
 @guarded
-def status(connect, timeout, as_json):
+def status(connect, timeout, as_json, invite, key, server_key):
     """Show a coordinator's workers, iteration and counters."""
     import json
 
@@ -354,10 +397,13 @@ def status(connect, timeout, as_json):
 
     from .link import check_endpoint
 
+    creds, connect = _client(connect, invite, key, server_key)
     check_endpoint(connect)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     P.configure_socket_limits(sock)
+    if creds is not None:
+        creds.apply(sock)
     try:
         sock.connect(connect)
     except zmq.ZMQError as err:
@@ -379,10 +425,49 @@ def status(connect, timeout, as_json):
                f"state {snap['state_hash'][:12]}")
     c = snap["counters"]
     click.echo("counters: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    click.echo(f"{'worker':<24}{'device':<10}{'dtype':<6}{'thr':>4}{'samples/s':>11}{'seen':>7}{'iter':>7}  agrees")
+    sec = snap.get("security") or {}
+    click.echo(f"security: {'CurveZMQ, ' + str(sec.get('authorized_keys')) + ' authorized keys' if sec.get('keys') else 'plain TCP (no keys)'}"
+               f"; malformed frames {c.get('malformed', 0)}, throttled {c.get('throttled', 0)}, bans {c.get('bans', 0)}")
+    click.echo(f"{'worker':<24}{'key':<14}{'device':<10}{'dtype':<6}{'thr':>4}{'samples/s':>11}{'seen':>7}{'iter':>7}"
+               f"{'bad':>5}  agrees")
     for w in snap["workers"]:
-        click.echo(f"{w['name'][:23]:<24}{w['device']:<10}{w['dtype']:<6}{w['threads']:>4}{w['throughput']:>11.1f}"
-                   f"{w['last_seen_s']:>6.1f}s{w['iteration']:>7}  {'yes' if w['state_agrees'] else 'NO'}")
+        click.echo(f"{w['name'][:23]:<24}{(w.get('key') or '-')[:13]:<14}{w['device']:<10}{w['dtype']:<6}"
+                   f"{w['threads']:>4}{w['throughput']:>11.1f}{w['last_seen_s']:>6.1f}s{w['iteration']:>7}"
+                   f"{w.get('malformed', 0):>5}  {'yes' if w['state_agrees'] else 'NO'}")
+    for o in sec.get("offenders") or []:
+        click.echo(f"offender {o['peer'][:40]}: malformed {o['malformed']}, strikes {o['strikes']}, bans {o['bans']}, "
+                   f"throttled {o['throttled']}, dropped while banned {o['dropped_banned']} ({o['last_reason'][:80]})")
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the key pair")
+@click.option("--name", required=True, help="key name: writes NAME.key (public) and NAME.key_secret")
+@guarded
+def keygen(out, name):
+    """Write a CurveZMQ key pair (pyzmq's certificate format) for a coordinator or a worker."""
+    from .auth import keygen as make_pair
+
+    public, secret = make_pair(out, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--keys", default="keys", show_default=True, type=click.Path(file_okay=False),
+              help="the coordinator's keys folder (made, with a coordinator key pair, if missing)")
+@click.option("--connect", default=None, help="address workers reach the coordinator at [tcp://THIS_HOST:5555]")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="invite file [KEYS/invites/NAME.invite]")
+@click.option("--reuse", is_flag=True, help="keep an existing invite of that name instead of failing")
+@guarded
+def invite(name, keys, connect, out, reuse):
+    """Admit a new worker: a key pair for it, its public key in KEYS/authorized/, and one invite file
+    (address, its keys, the coordinator's public key) to hand to it. Revoke by deleting
+    KEYS/authorized/NAME.key; a running coordinator cuts the worker off at once."""
+    from .auth import default_connect, write_invite
+
+    path = write_invite(keys, name, connect or default_connect(), out, reuse=reuse)
+    click.echo(f"invite for {name}: {path} (holds the worker's secret key: hand it over privately)")
+    click.echo(f"on the worker's machine:\n  ea4llm-pool worker --invite {path.name} --device cpu")
 
 
 # --------------------------------------------------------------------------------------------------

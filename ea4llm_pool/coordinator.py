@@ -31,7 +31,9 @@ from typing import Callable, Optional
 import zmq
 
 from . import UserError, protocol as P
+from .auth import KeyRing, user_id as frame_user_id
 from .config import Config, load as load_config
+from .guard import ADMIT, Guard
 from .es.commit import close_iteration
 from .keeper import KeeperHandle, bind_retrying
 from .ledger import IterationLedger, WorkCost
@@ -44,6 +46,16 @@ IDLE_POLL_MS = 50
 an idle loop costs its process well under 1% of a core."""
 KEEP_BEHIND = 8
 """A worker whose verified state is at most this many commits old keeps it and replays the rest."""
+KEYS_SCAN_S = 0.1
+"""How often the authorized keys folder is looked at (a revoked worker is cut off within this)."""
+CTRL_RCVHWM = 256
+"""Frames queued per connection on the control socket before libzmq stops reading from it."""
+MAX_LABEL = 256
+"""Longest name, hash or id string a worker may send (longer ones are malformed)."""
+MAX_REASON = 1000
+"""Longest free-text reason (BYE, RESULT.error) a worker may send."""
+ANSWER_MALFORMED = 3
+"""Malformed frames of one peer that get an ERROR back (a buggy client learns why; a flood costs no replies)."""
 
 
 @dataclass
@@ -59,6 +71,9 @@ class Peer:
     last_seen: float
     step: int = -1
     state_hash: str = ""
+    key_name: Optional[str] = None  # the authorized key it joined with: its identity (None: plain TCP)
+    user: Optional[str] = None      # that key in Z85, as the ZAP handler stamped it on every frame
+    guard_id: str = ""              # its record in the Guard (per key, or per connection without keys)
 
 
 def check_bind(bind: str) -> None:
@@ -95,12 +110,20 @@ def _bind_pair(bind: str) -> list[str]:
 class Coordinator:
     def __init__(self, cfg: Optional[Config], out: str | Path, bind: str, *, resume: bool = False,
                  iterations: Optional[int] = None, shards: int = 1, device: str = "cpu", threads: int = 1,
-                 say: Callable[[str], None] = print, progress=None, banner_workers: str = "pool"):
+                 say: Callable[[str], None] = print, progress=None, banner_workers: str = "pool",
+                 keys: Optional[str | Path] = None, linger_s: Optional[float] = 0.0):
         self.out = Path(out)
         self.say = say
         self.progress = progress
         self.shards = shards
         self.ctx = zmq.Context.instance()
+        # keys: CurveZMQ on both sockets, only the keys in KEYS/authorized may connect.
+        self.keyring = KeyRing(keys) if keys else None
+        self.authenticator = None
+        if self.keyring is not None and self.keyring.created:
+            say(f"coordinator: made a key pair in {self.keyring.dir} (give workers {self.keyring.dir}/coordinator.key "
+                "or an invite)")
+        self.linger_s = linger_s  # None: 2 x pool.worker_timeout_s, once the config is known
         self.log = self._open_log(cfg, resume)
         host, bind_port = bind.rsplit(":", 1)
         bulk_bind = f"{host}:0" if bind_port in ("0", "*") else f"{host}:{int(bind_port) + 1}"
@@ -108,14 +131,22 @@ class Coordinator:
         self.keeper = KeeperHandle({
             "config_yaml": None if resume else cfg.to_yaml(), "out": str(self.out), "resume": resume,
             "iterations": iterations, "device": device, "threads": threads, "bulk_bind": bulk_bind,
-            "banner_workers": banner_workers})
+            "banner_workers": banner_workers, "keys": str(keys) if keys else None})
         try:
             ready = self._wait_for("ready")
             # Workers are let in only now: a HELLO queued while the run was being built would go
             # unanswered for long enough that its worker registers again under a new identity.
             self.ctrl = self.ctx.socket(zmq.ROUTER)
             self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            P.configure_socket_limits(self.ctrl)
+            # Workers only send small messages: a larger frame drops its connection before it is
+            # buffered, and few frames wait per connection, so no peer can fill this process.
+            P.configure_socket_limits(self.ctrl, max_bytes=P.MAX_REQUEST_BYTES)
+            self.ctrl.setsockopt(zmq.RCVHWM, CTRL_RCVHWM)
+            if self.ctrl.getsockopt(zmq.MAXMSGSIZE) != P.MAX_REQUEST_BYTES:
+                raise UserError("the control socket did not take its message size limit")
+            if self.keyring is not None:
+                self.authenticator = self.keyring.start_authenticator(self.ctx)
+                self.keyring.serve(self.ctrl)
             try:
                 bind_retrying(self.ctrl, bind)
             except zmq.ZMQError as err:
@@ -129,6 +160,8 @@ class Coordinator:
         if iterations is not None:
             self.cfg.run.iterations = iterations
         self.pool = self.cfg.pool
+        if self.linger_s is None:
+            self.linger_s = 2.0 * self.pool.worker_timeout_s
         self.step = int(ready["step"])
         last = self.log.last()
         if last is not None and last["iteration"] + 1 != self.step:
@@ -158,7 +191,13 @@ class Coordinator:
         self.peers: dict[str, Peer] = {}
         self.by_ident: dict[bytes, str] = {}
         self.departed: list[dict] = []
-        self.counters = {"rejected": 0, "resyncs": 0}  # the shell's own; the ledger counts the rest
+        self.counters = {"rejected": 0, "resyncs": 0,  # the shell's own; the ledger counts the rest
+                         "unauthorized": 0, "revoked": 0, "banned_workers": 0}
+        self.guard = Guard()
+        self.missing: dict[str, str] = {}  # wid -> name of workers dropped (not gone by choice) that may return
+        self.ended: Optional[dict] = None  # END's fields once the run is over
+        self._next_keys = 0.0
+        self._stop: Optional[Callable[[], bool]] = None
         self.plan = None
         self.started = time.monotonic()
         self.commits_done = 0
@@ -195,6 +234,12 @@ class Coordinator:
         host = self.endpoint.split("//", 1)[1].rsplit(":", 1)[0]
         if host in ("0.0.0.0", "*", "[::]", "::"):
             host = socket.gethostname()
+        if self.keyring is not None:
+            keys = self.keyring.dir
+            return (f"ea4llm-pool invite NAME --keys {keys} --connect tcp://{host}:{self.port}\n"
+                    f"  then, on the worker's machine:  ea4llm-pool worker --invite NAME.invite --device cpu\n"
+                    f"  (or: ea4llm-pool worker --connect tcp://{host}:{self.port} --key NAME.key_secret "
+                    f"--server-key {keys}/coordinator.key, with NAME.key in {keys}/authorized/)")
         return f"ea4llm-pool worker --connect tcp://{host}:{self.port} --device cpu"
 
     # -- sending -----------------------------------------------------------------------------------
@@ -220,7 +265,12 @@ class Coordinator:
                     self._forget(peer, "is unreachable", count=True)
 
     # -- control messages --------------------------------------------------------------------------
-    def _on_control(self, ident: bytes, frame: bytes) -> None:
+    def _on_control(self, ident: bytes, frame: bytes, user: Optional[str] = None) -> None:
+        """One frame from ``ident`` (``user``: its authenticated key). Each frame is counted once by
+        the guard: dropped unread (banned, throttled), malformed (a strike), or served."""
+        gid = f"key:{user}" if user else f"conn:{ident.hex()}"
+        if self.guard.admit(gid, self.keyring.name_of(user) if user else None) != ADMIT:
+            return
         try:
             msg = P.decode(frame)
         except P.VersionMismatch as err:
@@ -228,11 +278,21 @@ class Coordinator:
             self._send(ident, P.REJECT, reason=str(err))
             return
         except P.ProtocolError as err:
-            self._send(ident, P.ERROR, code="bad_request", reason=str(err)[:500])
+            self._strike(gid, ident, str(err))
+            if self.guard.malformed_of(gid) <= ANSWER_MALFORMED:
+                self._send(ident, P.ERROR, code="bad_request", reason=str(err)[:500])
             return
+        bad = self._out_of_bounds(msg)
+        if bad is not None:
+            self._strike(gid, ident, bad)
+            if self.guard.malformed_of(gid) <= ANSWER_MALFORMED:
+                self._send(ident, P.ERROR, code="bad_request", reason=bad)
+            return
+        if self.ended is not None:
+            return self._answer_after_end(ident, msg)
         t = msg.type
         if t == P.HELLO:
-            return self._on_hello(ident, msg)
+            return self._on_hello(ident, msg, user, gid)
         if t == P.STATUS_REQ:
             self._send(ident, P.STATUS, snapshot=self.snapshot())
             return
@@ -255,9 +315,99 @@ class Coordinator:
         elif t == P.STATE:
             self._on_state(peer, msg.iteration, msg.state_hash)
         elif t == P.BYE:
-            self._forget(peer, f"left ({msg.reason})", count=False)
+            self._forget(peer, f"left ({msg.reason})", count=False, may_return=False)
 
-    def _on_hello(self, ident: bytes, msg) -> None:
+    def _out_of_bounds(self, msg) -> Optional[str]:
+        """Why a well-formed message still breaks this run's bounds (None if it does not): strings
+        longer than any honest worker sends, more results than the iteration has units."""
+        t = msg.type
+        if t == P.RESULT:
+            most = self.cfg.es.population * self.shards
+            if len(msg.results) > most:
+                return f"RESULT.results: {len(msg.results)} entries, but an iteration has only {most} units"
+            if msg.error is not None and len(msg.error) > MAX_REASON:
+                return f"RESULT.error: longer than {MAX_REASON} characters"
+            labels = [("lease_id", msg.lease_id), ("state_hash", msg.state_hash or "")]
+        elif t == P.HELLO:
+            if len(msg.selftest) > P.MAX_SELFTEST:
+                return "HELLO.selftest: too many entries"
+            labels = [(f, msg[f]) for f in ("config_hash", "device", "dtype", "worker_name", "state_hash")]
+            labels += [("selftest", k + v) for k, v in msg.selftest.items()]
+        elif t in (P.PING, P.STATE):
+            labels = [("state_hash", msg.state_hash)] + ([("worker_id", msg.worker_id)] if t == P.PING else [])
+        elif t == P.BYE:
+            if len(msg.reason) > MAX_REASON:
+                return f"BYE.reason: longer than {MAX_REASON} characters"
+            labels = [("worker_id", msg.worker_id)]
+        else:
+            return None
+        for name, value in labels:
+            if len(value) > MAX_LABEL:
+                return f"{t}.{name}: longer than {MAX_LABEL} characters"
+        return None
+
+    def _strike(self, gid: str, ident: bytes, reason: str, malformed: bool = True) -> None:
+        """A strike against a peer; enough of them ban it, and a banned worker's sessions end."""
+        seconds = self.guard.strike(gid, reason, malformed)
+        if not seconds:
+            return
+        sessions = [p for p in self.peers.values() if p.guard_id == gid]
+        label = sessions[0].name if sessions else gid[:24]
+        self.say(f"coordinator: banned {label} for {seconds:.0f} s after repeated bad messages "
+                 f"(last: {reason[:120]})")
+        self._send(ident, P.ERROR, code="banned", reason=f"too many bad messages; banned for {seconds:.0f} s",
+                   retry_s=seconds)
+        for peer in sessions:
+            self.counters["banned_workers"] += 1
+            self._forget(peer, "was banned; its leases go back in the queue", count=True, may_return=False)
+
+    def _unauthorized(self, ident: bytes, user: Optional[str]) -> None:
+        """A frame from a connection whose key is no longer admitted (it was revoked after it
+        connected: CurveZMQ checks keys only at the handshake)."""
+        self.counters["unauthorized"] += 1
+        if self.guard.admit(f"key:{user}") != ADMIT:
+            return
+        wid = self.by_ident.get(ident)
+        if wid in self.peers:
+            self._forget(self.peers[wid], "was cut off: its key is no longer authorized", count=True,
+                         may_return=False)
+        self._send(ident, P.REJECT, reason="this worker's key is not authorized by the coordinator (it was revoked)")
+
+    def _check_keys(self) -> None:
+        """Re-read the authorized keys; the sessions of every revoked key end now, leases back in the queue."""
+        now = time.monotonic()
+        if self.keyring is None or now < self._next_keys:
+            return
+        self._next_keys = now + KEYS_SCAN_S
+        if not self.keyring.refresh():
+            return
+        for peer in list(self.peers.values()):
+            if self.keyring.name_of(peer.user) is None:
+                self.counters["revoked"] += 1
+                self._send(peer.ident, P.REJECT, reason=f"this worker's key ({peer.key_name}) was removed from the "
+                                                        "coordinator's authorized keys")
+                self._forget(peer, f"was cut off: its key {peer.key_name} was revoked; its leases go back in the queue",
+                             count=True, may_return=False)
+
+    def _answer_after_end(self, ident: bytes, msg) -> None:
+        """The run is over: whoever speaks is told so, and a worker back from a partition exits 0."""
+        t = msg.type
+        if t == P.STATUS_REQ:
+            self._send(ident, P.STATUS, snapshot=self.snapshot())
+            return
+        wid = self.by_ident.get(ident)
+        if t == P.BYE:
+            if wid in self.peers:
+                self._forget(self.peers[wid], f"left ({msg.reason})", count=False, may_return=False)
+            return
+        if t == P.PING:
+            self.missing.pop(msg.worker_id, None)
+        elif t == P.HELLO:
+            for k in [k for k, name in self.missing.items() if name == msg.worker_name]:
+                del self.missing[k]
+        self._send(ident, P.END, **self.ended)
+
+    def _on_hello(self, ident: bytes, msg, user: Optional[str] = None, gid: str = "") -> None:
         reason = None
         if msg.config_hash and msg.config_hash != self.config_hash:
             reason = (f"config mismatch: worker has config {msg.config_hash}, this run is {self.config_hash}"
@@ -274,21 +424,26 @@ class Coordinator:
             return
         old = self.by_ident.get(ident)
         if old in self.peers:
-            self._forget(self.peers[old], "registered again", count=False)
+            self._forget(self.peers[old], "registered again", count=False, may_return=False)
+        for k in [k for k, name in self.missing.items() if name == msg.worker_name]:
+            del self.missing[k]
         wid = uuid.uuid4().hex[:8]
         now = time.monotonic()
-        peer = Peer(wid, ident, msg.worker_name, msg.device, msg.dtype, msg.threads, now, now)
+        key_name = self.keyring.name_of(user) if self.keyring is not None else None
+        peer = Peer(wid, ident, msg.worker_name, msg.device, msg.dtype, msg.threads, now, now,
+                    key_name=key_name, user=user, guard_id=gid or f"conn:{ident.hex()}")
         self.peers[wid] = peer
         self.by_ident[ident] = wid
-        self.ledger.join(wid, float(msg.throughput))
+        self.guard.pin(peer.guard_id, key_name or msg.worker_name)
+        self.ledger.join(wid, float(msg.throughput), identity=key_name)
         s = msg.state_iteration
         keep = bool(0 <= s <= self.step and msg.state_hash and self.ledger.reference_hash(s) == msg.state_hash
                     and self.step - s <= KEEP_BEHIND)
         self._send(ident, P.WELCOME, worker_id=wid, run_id=self.run_id, config_yaml=self.config_yaml,
                    heartbeat_s=self.pool.heartbeat_s, bulk_port=self.bulk_port, keep_state=keep,
                    model_params=self.params)
-        self.say(f"coordinator: worker {msg.worker_name} joined ({msg.device}, {msg.dtype}, {msg.threads} threads)"
-                 f"{', keeps its state' if keep else ''}")
+        self.say(f"coordinator: worker {msg.worker_name} joined ({msg.device}, {msg.dtype}, {msg.threads} threads"
+                 f"{f', key {key_name}' if key_name else ''}){', keeps its state' if keep else ''}")
 
     def _on_state(self, peer: Peer, step: int, h: str) -> str:
         peer.step, peer.state_hash = step, h
@@ -318,12 +473,22 @@ class Coordinator:
             self.say(f"coordinator: worker {peer.name} could not evaluate lease {msg.lease_id}: {msg.error}")
             self.ledger.on_error(peer.wid, msg.lease_id, msg.iteration, msg.error)
             return
-        self.ledger.on_result(peer.wid, msg.lease_id, msg.iteration, list(msg.results), float(msg.eval_s))
+        outcome = self.ledger.on_result(peer.wid, msg.lease_id, msg.iteration, list(msg.results), float(msg.eval_s))
+        if outcome["invalid"]:
+            self._strike(peer.guard_id, peer.ident, f"{outcome['invalid']} results that do not answer their units",
+                         malformed=False)
         if msg.iteration == self.ledger.iteration:
             self.eval_s += float(msg.eval_s)
 
-    def _forget(self, peer: Peer, why: str, count: bool) -> None:
-        """Forget a worker (``count``: it was dropped, not a goodbye); its leases go back in the queue."""
+    def _forget(self, peer: Peer, why: str, count: bool, may_return: bool = True) -> None:
+        """Forget a worker (``count``: it was dropped, not a goodbye); its leases go back in the queue.
+        ``may_return``: it did not leave by choice and may come back (told at the end that the run is over)."""
+        if peer.wid not in self.peers:
+            return
+        if may_return:
+            self.missing[peer.wid] = peer.name
+        if not any(p.guard_id == peer.guard_id for p in self.peers.values() if p.wid != peer.wid):
+            self.guard.unpin(peer.guard_id)
         view = self.ledger.leave(peer.wid, dropped=count)
         if view is None:  # the ledger dropped it already (silent): its last view is in departed
             view = next((v for v in reversed(self.ledger.departed) if v["id"] == peer.wid), {})
@@ -344,6 +509,7 @@ class Coordinator:
             if self.progress is not None:
                 self.progress(msg["line"])
         elif kind == "hash":
+            self._bulk_counters(msg)
             step, h = int(msg["step"]), msg["state_hash"]
             self.reference[step] = h
             self.newest_ref = (step, h)
@@ -354,7 +520,14 @@ class Coordinator:
                 if peer is not None and not agrees:
                     self._resync(peer, s)
         else:
+            if kind == "finished":
+                self._bulk_counters(msg)
             self._pending_keeper[kind] = msg
+
+    def _bulk_counters(self, msg: dict) -> None:
+        for name in ("bulk_malformed", "bulk_unauthorized"):
+            if name in msg:
+                self.counters[name] = int(msg[name])
 
     # -- iterations ----------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -395,16 +568,17 @@ class Coordinator:
             self._send_leases(self.ledger.dispatch())
 
     def _counters(self) -> dict:
-        return {**self.ledger.counters, **self.counters}
+        return {**self.ledger.counters, **self.counters, **self.guard.counters}
 
     # -- status --------------------------------------------------------------------------------------
     def _worker_row(self, peer: Peer, view: Optional[dict] = None) -> dict:
         if view is None:
             view = self.ledger.worker_view(peer.wid)
         ref = self.ledger.reference_hash(peer.step)
-        return {"id": peer.wid, "name": peer.name, "device": peer.device, "dtype": peer.dtype,
+        return {"id": peer.wid, "name": peer.name, "key": peer.key_name, "device": peer.device, "dtype": peer.dtype,
                 "threads": peer.threads, "last_seen_s": time.monotonic() - peer.last_seen, "iteration": peer.step,
-                "state_agrees": bool(ref is not None and ref == peer.state_hash), **view}
+                "state_agrees": bool(ref is not None and ref == peer.state_hash), **self.guard.view(peer.guard_id),
+                **view}
 
     def snapshot(self) -> dict:
         minutes = max(1e-9, (time.monotonic() - self.started) / 60)
@@ -412,19 +586,38 @@ class Coordinator:
         return {"iteration": self.step, "iterations": self.cfg.run.iterations, "state_hash": ref[1],
                 "state_step": ref[0], "iterations_per_minute": self.commits_done / minutes,
                 "counters": self._counters(), "model_params": self.params,
-                "workers": [self._worker_row(p) for p in self.peers.values()]}
+                "workers": [self._worker_row(p) for p in self.peers.values()],
+                "security": {"keys": self.keyring is not None,
+                             "authorized_keys": len(self.keyring.allowed) - 1 if self.keyring is not None else None,
+                             "peers_tracked": len(self.guard), "offenders": self.guard.offenders()}}
 
     # -- the loop ------------------------------------------------------------------------------------
     def _poll(self, timeout_ms: int) -> None:
+        self._check_keys()
         events = dict(self._poller.poll(timeout_ms))
         if self.ctrl in events:
             ctrl = self.ctrl
+            keyring = self.keyring
             for _ in range(1000):  # drain what is queued, then look at the keeper and the clock again
                 if not ctrl.get(zmq.EVENTS) & zmq.POLLIN:
                     break
-                parts = ctrl.recv_multipart(zmq.NOBLOCK)
+                user = None
+                if keyring is None:
+                    parts = ctrl.recv_multipart(zmq.NOBLOCK)
+                    ident = parts[0]
+                else:  # frames, for the key the ZAP handler stamped on them
+                    frames = ctrl.recv_multipart(zmq.NOBLOCK, copy=False)
+                    ident, user = frames[0].bytes, frame_user_id(frames[-1])
+                    if keyring.name_of(user) is None:
+                        self._unauthorized(ident, user)
+                        continue
+                    parts = [f.bytes for f in frames]
                 if len(parts) == 2:
-                    self._on_control(parts[0], parts[1])
+                    self._on_control(ident, parts[1], user)
+                else:  # a message of several frames: not one of ours
+                    gid = f"key:{user}" if user else f"conn:{ident.hex()}"
+                    if self.guard.admit(gid) == ADMIT:
+                        self._strike(gid, ident, f"{len(parts) - 1} frames where one message is one frame")
         if self.keeper.fileno() in events or not self.keeper.proc.is_alive():
             for _ in range(100):
                 msg = self.keeper.recv(0)
@@ -438,6 +631,7 @@ class Coordinator:
         gc.collect()
         gc.freeze()
         self._pending_keeper: dict[str, dict] = {}
+        self._stop = stop
         self._poller = zmq.Poller()
         self._poller.register(self.ctrl, zmq.POLLIN)
         self._poller.register(self.keeper.fileno(), zmq.POLLIN)
@@ -479,11 +673,29 @@ class Coordinator:
         summary = self.snapshot()
         summary["departed"] = self.departed
         (self.out / "pool.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        self.ended = {"reason": reason, "final_iteration": final_step, "final_hash": final}
+        told = set()
         for peer in list(self.peers.values()):
-            self._send(peer.ident, P.END, reason=reason, final_iteration=final_step, final_hash=final)
+            self._send(peer.ident, P.END, **self.ended)
+            told.add(peer.name)
+        # A dropped session of a worker that is here now (it registered again) is not missing.
+        self.missing = {wid: name for wid, name in self.missing.items() if name not in told}
         deadline = time.monotonic() + 3.0
         while self.peers and time.monotonic() < deadline:
             self._poll(50)
+        # Workers dropped while silent (a partition, a paused machine) may still be alive: keep
+        # answering for a while, so that one coming back hears that the run is over and exits 0.
+        if self.missing and self.linger_s > 0:
+            self.say(f"coordinator: run over; telling returning workers so for up to {self.linger_s:.0f} s "
+                     f"({len(self.missing)} dropped: {', '.join(sorted(set(self.missing.values())))[:200]})")
+            deadline = time.monotonic() + self.linger_s
+            while self.missing and time.monotonic() < deadline and not (self._stop and self._stop()):
+                self._poll(50)
+            # A returning worker may hear END on its old connection just as it gives that up and
+            # registers anew: answer the new one too.
+            deadline = min(deadline, time.monotonic() + 3.0)
+            while time.monotonic() < deadline and not (self._stop and self._stop()):
+                self._poll(50)
 
     def close(self) -> None:
         if getattr(self, "_closed", False):
@@ -492,4 +704,6 @@ class Coordinator:
         self.keeper.close()
         if self.ctrl is not None:
             self.ctrl.close(linger=500)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.log.close()

@@ -178,6 +178,8 @@ class Keeper:
         self._offer_checkpoint(self._latest_checkpoint())
         self._bulk_ready = threading.Event()
         self._bulk_error: Optional[str] = None
+        self.bulk_malformed = 0      # frames on the bulk channel that were not a valid request
+        self.bulk_unauthorized = 0   # requests from keys revoked after they connected
         self.bulk = threading.Thread(target=self._serve_bulk, args=(spec["bulk_bind"],), name="ea4llm-bulk",
                                      daemon=True)
         self.bulk.start()
@@ -243,31 +245,61 @@ class Keeper:
 
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
-        P.configure_socket_limits(sock)
+        P.configure_socket_limits(sock, max_bytes=P.MAX_REQUEST_BYTES)  # requests are small
+        ring = authenticator = None
         try:
+            if self.spec.get("keys"):
+                # The same allow-list as the control socket, read by this process on its own.
+                from .auth import KeyRing
+
+                ring = KeyRing(self.spec["keys"], create=False)
+                authenticator = ring.start_authenticator(ctx)
+                ring.serve(sock)
             bind_retrying(sock, bind)
-        except zmq.ZMQError as err:
-            self._bulk_error = f"coordinator cannot bind its bulk channel {bind}: {err.strerror}"
+        except (zmq.ZMQError, UserError) as err:
+            why = err.strerror if isinstance(err, zmq.ZMQError) else str(err)
+            self._bulk_error = f"coordinator cannot bind its bulk channel {bind}: {why}"
             sock.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
             self._bulk_ready.set()
             return
         self.bulk_port = int(sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
         self._bulk_ready.set()
+        from .auth import user_id
+
+        next_keys = 0.0
         try:
             while not self._halt.is_set():
-                if not sock.poll(200):
+                if ring is not None and time.monotonic() >= next_keys:
+                    ring.refresh()  # a revoked key's next request is refused
+                    next_keys = time.monotonic() + 0.1
+                if not sock.poll(100 if ring is not None else 200):
                     continue
                 for _ in range(64):
                     try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    if len(parts) != 2:
+                    if len(frames) != 2:
+                        self.bulk_malformed += 1
                         continue
-                    ident, frame = parts
+                    ident, frame = frames[0].bytes, frames[1].bytes
+                    if ring is not None and ring.name_of(user_id(frames[1])) is None:
+                        self.bulk_unauthorized += 1
+                        reply = P.encode(P.ERROR, code="unauthorized", reason="this key is no longer authorized")
+                        try:
+                            sock.send_multipart([ident, reply], zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
+                        continue
                     try:
-                        reply = self.files.handle(P.decode(frame), self.records)
+                        msg = P.decode(frame)
+                        if msg.type not in (P.FETCH, P.LOG_FETCH, P.SYNC_REQ):
+                            self.bulk_malformed += 1  # a valid message, but not a bulk-channel request
+                        reply = self.files.handle(msg, self.records)
                     except P.ProtocolError as err:
+                        self.bulk_malformed += 1
                         reply = P.encode(P.ERROR, code="bad_request", reason=str(err)[:500])
                     except OSError as err:  # a pruned file, a full disk: the worker retries its sync
                         reply = P.encode(P.ERROR, code="busy", reason=f"bulk read failed: {err}", retry_s=1.0)
@@ -277,6 +309,8 @@ class Keeper:
                         pass
         finally:
             sock.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, conn) -> None:
@@ -307,7 +341,8 @@ class Keeper:
         apply_s = time.perf_counter() - t0
         with self.lock:
             self.step = self.run.step
-        self.send("hash", step=self.run.step, state_hash=h, apply_s=apply_s)
+        self.send("hash", step=self.run.step, state_hash=h, apply_s=apply_s, bulk_malformed=self.bulk_malformed,
+                  bulk_unauthorized=self.bulk_unauthorized)
         extra = dict(msg.get("extra") or {})
         extra["keeper_apply_s"] = round(apply_s, 4)
         line = self.run.report(rec, msg["seconds"], msg["tokens"], extra=extra)
@@ -321,7 +356,8 @@ class Keeper:
         if self.run.step > 0 and not step_dir(self.run.out, self.run.step).exists():
             self.run.checkpoint(final=complete)
         self._close_reporter()
-        self.send("finished", step=self.run.step, state_hash=self.run.state_hash)
+        self.send("finished", step=self.run.step, state_hash=self.run.state_hash, bulk_malformed=self.bulk_malformed,
+                  bulk_unauthorized=self.bulk_unauthorized)
 
     @staticmethod
     def _clean(line: dict) -> dict:

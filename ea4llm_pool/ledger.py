@@ -124,6 +124,7 @@ class _Worker:
     verified_from: int = -1   # the first of them
     verified_last: int = -1   # the latest of them
     verify_gaps: int = 0      # iterations skipped between two matching reports (a missed check)
+    identity: Optional[str] = None  # the authenticated key it joined with (None in a plain-TCP pool)
 
 
 class _Iteration:
@@ -196,12 +197,13 @@ class IterationLedger:
         self._pending: dict[int, dict[str, str]] = {}  # step -> {wid: reported hash} awaiting the reference
 
     # -- workers ------------------------------------------------------------------------------------
-    def join(self, wid: str, throughput: float = 0.0) -> None:
-        """A new worker; it gets no lease until ``set_ready(wid, True)``."""
+    def join(self, wid: str, throughput: float = 0.0, identity: Optional[str] = None) -> None:
+        """A new worker; it gets no lease until ``set_ready(wid, True)``. ``identity``: the name of
+        the authenticated key it joined with (several sessions may share one key)."""
         if wid in self._workers:
             raise ValueError(f"worker {wid} has already joined")
         now = self.clock()
-        self._workers[wid] = _Worker(joined=now, last_seen=now, throughput=_positive(throughput))
+        self._workers[wid] = _Worker(joined=now, last_seen=now, throughput=_positive(throughput), identity=identity)
 
     def set_ready(self, wid: str, ready: bool) -> None:
         w = self._workers.get(wid)
@@ -462,7 +464,7 @@ class IterationLedger:
     def worker_view(self, wid: str) -> dict:
         w = self._workers[wid]
         mine = [lease for lease in self._leases.values() if lease.wid == wid]
-        return {"id": wid, "ready": w.ready, "throughput": w.throughput, "update_s": w.update_s,
+        return {"id": wid, "identity": w.identity, "ready": w.ready, "throughput": w.throughput, "update_s": w.update_s,
                 "units_done": w.units_done, "leases": len(mine), "units_out": sum(len(x.units) for x in mine),
                 "last_seen_s": self.clock() - w.last_seen, "iteration": w.step,
                 "state_agrees": self._hashes.get(w.step) == w.state_hash if w.state_hash else False,

@@ -33,13 +33,16 @@ def check_endpoint(address: str) -> str:
 
 PING_REFRESH = 5  # heartbeats between PINGs even when other messages keep the link busy
 LOST = "LINK_LOST"  # pseudo message type: nothing heard from the coordinator for too long
+AUTH_FAILED = "AUTH_FAILED"  # pseudo message type: the coordinator refused this worker's key
 
 
 class Link(threading.Thread):
-    def __init__(self, ctx: zmq.Context, endpoint: str, heartbeat_s: float = 1.0, silence_s: float = 30.0):
+    def __init__(self, ctx: zmq.Context, endpoint: str, heartbeat_s: float = 1.0, silence_s: float = 30.0,
+                 credentials=None):
         super().__init__(name="ea4llm-link", daemon=True)
         self.ctx = ctx
         self.endpoint = endpoint
+        self.credentials = credentials  # auth.Credentials: CurveZMQ to the coordinator (None: plain TCP)
         self.heartbeat_s = heartbeat_s
         self.silence_s = silence_s
         self.inbox: "queue.Queue[object]" = queue.Queue()
@@ -85,10 +88,17 @@ class Link(threading.Thread):
         P.configure_socket_limits(sock)
         sock.setsockopt(zmq.RECONNECT_IVL, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 32000)
+        monitor = None
+        if self.credentials is not None:
+            self.credentials.apply(sock)
+            # A refused key shows only as a failed handshake: watch for it, so the worker can say so.
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._pipe_in, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         # A PING goes out when the link has been otherwise silent for a heartbeat (any message
         # proves liveness), and at least every PING_REFRESH heartbeats (it carries throughput).
         next_ping = time.monotonic()
@@ -98,6 +108,12 @@ class Link(threading.Thread):
             while not self._halt.is_set():
                 timeout_ms = max(0, int((next_ping - time.monotonic()) * 1000))
                 events = dict(poller.poll(min(timeout_ms, 200)))
+                if monitor is not None and monitor in events:
+                    try:
+                        monitor.recv_multipart(zmq.NOBLOCK)
+                        self.inbox.put(AUTH_FAILED)
+                    except zmq.Again:
+                        pass
                 if self._pipe_in in events:
                     while True:
                         try:
@@ -134,5 +150,8 @@ class Link(threading.Thread):
                     self.lost_reported = True
                     self.inbox.put(LOST)
         finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close(linger=200)
             self._pipe_in.close(linger=0)

@@ -97,6 +97,9 @@ PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest frame either side sends or accepts (also set as the sockets' ZMQ_MAXMSGSIZE)."""
 
+MAX_REQUEST_BYTES = 1024 * 1024
+"""Largest frame the coordinator's sockets accept (ZMQ_MAXMSGSIZE there): what workers send is small."""
+
 CHUNK_SIZE = 1024 * 1024
 """Largest payload of one CHUNK (and largest FETCH length) on the bulk channel."""
 
@@ -127,9 +130,11 @@ MAX_DEPTH = 32
 DEFAULT_LINGER_MS = 1000
 """Socket LINGER set by :func:`configure_socket_limits` (ms a closing socket keeps trying to send)."""
 
-ERROR_CODES = ("unknown_worker", "bad_request", "not_found", "busy")
+ERROR_CODES = ("unknown_worker", "bad_request", "not_found", "busy", "banned", "unauthorized")
 """Codes of ERROR: unknown_worker → send HELLO again; bad_request/not_found → fatal for that
-request; busy → retry the request after ERROR.retry_s (or a back-off)."""
+request; busy → retry the request after ERROR.retry_s (or a back-off); banned → the sender's
+messages are dropped unread for retry_s seconds (too many bad ones); unauthorized → the bulk
+channel refuses a key that is no longer admitted."""
 
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 64) - 1  # msgpack's integer range: int64 ∪ uint64

@@ -124,7 +124,8 @@ class BulkClient:
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 30.0,
-                 busy_wait_s: float = 300.0, window: int = 8, chunk_size: int = P.CHUNK_SIZE):
+                 busy_wait_s: float = 300.0, window: int = 8, chunk_size: int = P.CHUNK_SIZE,
+                 credentials=None):
         if window < 1:
             raise ValueError(f"window must be ≥ 1, got {window}")
         if not 1 <= chunk_size <= P.CHUNK_SIZE:
@@ -132,11 +133,14 @@ class BulkClient:
         self.ctx, self.endpoint = ctx, endpoint
         self.timeout_s, self.busy_wait_s = float(timeout_s), float(busy_wait_s)
         self.window, self.chunk_size = int(window), int(chunk_size)
+        self.credentials = credentials  # auth.Credentials: CurveZMQ (None: plain TCP)
         self.sock = self._connect()
 
     def _connect(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         P.configure_socket_limits(sock, linger_ms=0)
+        if self.credentials is not None:
+            self.credentials.apply(sock)
         sock.connect(self.endpoint)
         return sock
 

@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,13 +30,18 @@ import zmq
 from . import UserError, protocol as P
 from .checkpoint import load_master_into, load_model_skeleton, read_meta
 from .config import Config, from_dict
-from .link import LOST, Link, check_endpoint
+from .link import AUTH_FAILED, LOST, Link, check_endpoint
 from .replay import ReplayMismatch, replay
 from .replica import Replica, resolve_device
 from .sync import BulkClient
 
 EXIT_REJECTED = 2
 EXIT_SELFTEST = 3
+EXIT_ORPHANED = 4
+GIVE_UP_AFTER_S = 600.0
+"""A worker that has heard from no coordinator for this long exits non-zero (``--give-up-after``)."""
+KEY_REFUSED = ("the coordinator refused this worker's key: it is not among its authorized keys "
+               "(ask the coordinator's operator for an invite)")
 
 
 def bulk_endpoint(control: str, port: int) -> str:
@@ -50,8 +56,12 @@ class Resync(Exception):
 class Worker:
     def __init__(self, connect: str, device: str = "cpu", dtype: str = "fp32", threads: int = 1,
                  name: Optional[str] = None, cache: Optional[str] = None, config: Optional[Config] = None,
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print, credentials=None, give_up_after: float = GIVE_UP_AFTER_S,
+                 parent_pid: Optional[int] = None):
         self.connect = check_endpoint(connect)
+        self.credentials = credentials  # auth.Credentials (None: a plain-TCP pool)
+        self.give_up_after = float(give_up_after)
+        self.parent_pid = parent_pid
         self.device = resolve_device(device)
         self.dtype = dtype
         self.threads = threads
@@ -88,15 +98,19 @@ class Worker:
     def _register(self) -> P.Message:
         """HELLO until WELCOME; REJECT ends the process. Backs off 1 s → 32 s with jitter."""
         delay = 1.0
+        # Out of touch since the coordinator was last heard (or since this worker started).
+        lost_since = self.link.last_heard if self.link is not None else time.monotonic()
         while True:
             if self.link is not None:
                 self.link.stop()
-            self.link = Link(self.ctx, self.connect, heartbeat_s=1.0, silence_s=30.0)
+            self.link = Link(self.ctx, self.connect, heartbeat_s=1.0, silence_s=30.0, credentials=self.credentials)
             self.link.start()
             self.link._pipe_out.send(self._hello())
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline:
                 msg = self.link.recv(timeout=0.25)
+                if msg == AUTH_FAILED:
+                    raise UserError(KEY_REFUSED)
                 if isinstance(msg, P.VersionMismatch):
                     raise UserError(f"coordinator refused: {msg}")
                 if isinstance(msg, P.Message):
@@ -106,9 +120,15 @@ class Worker:
                         self.say(f"worker: rejected by the coordinator: {msg.reason}")
                         raise SystemExit(EXIT_REJECTED)
                     if msg.type == P.END:
-                        self.say(f"worker: the run is over ({msg.reason})")
+                        mine = self.replica.master.step if self.replica is not None else -1
+                        self.say(f"worker {self.name}: run over at iteration {msg.final_iteration} ({msg.reason}); "
+                                 f"this worker was at iteration {mine}")
                         raise SystemExit(0)
-            wait = delay * random.uniform(0.75, 1.25)
+            left = self.give_up_after - (time.monotonic() - lost_since)
+            if left <= 0:
+                raise UserError(f"no coordinator answered at {self.connect} for {self.give_up_after:g} s; "
+                                "giving up (--give-up-after)")
+            wait = min(delay * random.uniform(0.75, 1.25), left)
             self.say(f"worker: no answer from {self.connect}; retrying in {wait:.1f} s")
             time.sleep(wait)
             delay = min(delay * 2, 32.0)
@@ -118,7 +138,8 @@ class Worker:
         # Replies come from the keeper's bulk thread at once, except a fresh sync point, which is
         # written on demand: allow for writing a checkpoint of this model's size (~20 MB/s, pessimistic).
         busy_s = 60.0 + 4 * self.model_params / 20e6
-        return BulkClient(self.ctx, bulk_endpoint(self.connect, bulk_port), timeout_s=60.0, busy_wait_s=busy_s)
+        return BulkClient(self.ctx, bulk_endpoint(self.connect, bulk_port), timeout_s=60.0, busy_wait_s=busy_s,
+                          credentials=self.credentials)
 
     def _sync(self, welcome: P.Message) -> None:
         import yaml
@@ -272,6 +293,8 @@ class Worker:
 
     # -- main loop ------------------------------------------------------------------------------------
     def run(self) -> int:
+        if self.parent_pid is not None:
+            exit_with_parent(self.parent_pid, self.say)
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         from .es.selftest import check, run_selftest
@@ -336,6 +359,9 @@ class Worker:
             if msg == LOST:
                 self.say("worker: the coordinator went silent; registering again")
                 return "reregister"
+            if msg == AUTH_FAILED:  # revoked: the link reconnected and the key was refused
+                self.say(f"worker: {KEY_REFUSED}")
+                return EXIT_REJECTED
             if isinstance(msg, P.ProtocolError):
                 self.say(f"worker: ignored a bad frame from the coordinator: {msg}")
                 continue
@@ -357,6 +383,11 @@ class Worker:
                     self.pending[rec["iteration"]] = rec
             elif t == P.RESYNC:
                 raise Resync(msg.reason)
+            elif t == P.END and self.replica.master.step != msg.final_iteration:
+                # Back after the run ended without it (a partition, a paused machine): nothing is wrong.
+                self.say(f"worker {self.name}: run over at iteration {msg.final_iteration} ({msg.reason}); "
+                         f"this worker was at iteration {self.replica.master.step}")
+                return 0
             elif t == P.END:
                 self.say(f"worker {self.name}: run over at iteration {msg.final_iteration} ({msg.reason}); "
                          f"state hash {'agrees' if self._current_hash() == msg.final_hash else 'DIFFERS'}")
@@ -365,12 +396,45 @@ class Worker:
                 if msg.code == "unknown_worker":
                     return "reregister"
                 self.say(f"worker: coordinator error: {msg.reason}")
-            elif t in (P.WELCOME, P.REJECT):
+            elif t == P.REJECT:  # the coordinator cut this worker off (its key was revoked)
+                self.say(f"worker: rejected by the coordinator: {msg.reason}")
+                return EXIT_REJECTED
+            elif t == P.WELCOME:
                 continue
         return 0
 
 
+def exit_with_parent(pid: int, say: Callable[[str], None]) -> None:
+    """End this process when process ``pid`` (its parent, e.g. ``train``) ends, however it ends.
+
+    Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG), even if this process is
+    stuck in a kernel; everywhere: a thread notices the parent is gone (re-parenting) within 0.5 s.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watcher below still works
+
+    def gone() -> bool:
+        return os.getppid() != pid
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(0.5)
+        say("worker: the process that started it is gone; exiting")
+        os._exit(EXIT_ORPHANED)
+
+    if gone():  # it died before the death signal was armed
+        os._exit(EXIT_ORPHANED)
+    threading.Thread(target=watch, name="ea4llm-parent-watch", daemon=True).start()
+
+
 def main(connect: str, device: str, dtype: str, threads: int, name: Optional[str], cache: Optional[str],
-         config: Optional[Config]) -> int:
-    w = Worker(connect, device, dtype, threads, name, cache, config, say=lambda s: print(s, flush=True))
+         config: Optional[Config], credentials=None, give_up_after: float = GIVE_UP_AFTER_S,
+         parent_pid: Optional[int] = None) -> int:
+    w = Worker(connect, device, dtype, threads, name, cache, config, say=lambda s: print(s, flush=True),
+               credentials=credentials, give_up_after=give_up_after, parent_pid=parent_pid)
     return w.run()

@@ -134,3 +134,56 @@ def reference_hash(tmp: Path, cfg: Path) -> str:
     subprocess.run(cli("train", "--config", cfg, "--out", out, "--workers", "0", "--threads", "1"),
                    check=True, capture_output=True, timeout=600)
     return final_hash(out)
+
+
+# -- processes and keys (security and ending tests) ----------------------------------------------------
+def children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def status(port: int, *extra, timeout: float = 30) -> dict:
+    """``ea4llm-pool status --json`` of the coordinator on ``port``."""
+    res = subprocess.run(cli("status", "--connect", f"tcp://127.0.0.1:{port}", "--json", "--timeout", "10", *extra),
+                         capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"status failed: {res.stderr}")
+    return json.loads(res.stdout)
+
+
+def invite(keys: Path, name: str, port: int) -> Path:
+    """An invite for worker ``name`` (admitted in ``keys``) for a coordinator on loopback ``port``."""
+    from ea4llm_pool.auth import write_invite
+
+    return write_invite(keys, name, f"tcp://127.0.0.1:{port}")

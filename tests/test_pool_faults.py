@@ -32,11 +32,13 @@ def _run(tmp_path, cfg, workers, timeout=240):
 
 def test_a_worker_returning_nan_never_stalls_the_run(tmp_path):
     cfg = write_config(tmp_path / "pool.yaml", run={"iterations": 6})
-    out, _ = _run(tmp_path, cfg, [("honest", ()), ("nan", ("--fitness", "nan"))])
+    # The honest worker is slowed down so that it cannot finish the run before the other has joined.
+    out, _ = _run(tmp_path, cfg, [("honest", ("--slowdown", 6)), ("nan", ("--fitness", "nan"))])
     rows = [r for r in metrics(out) if r.get("train_loss") is not None]
     assert [r["iteration"] for r in rows] == list(range(1, 7))
     assert sum(r.get("nonfinite", 0) for r in rows) > 0, rows
-    assert all(math.isfinite(r["train_loss"]) for r in rows)  # the mean is over finite members
+    # The train loss is the mean over the finite members; only an iteration without one has none.
+    assert all(math.isfinite(r["train_loss"]) or r["nonfinite"] == 8 for r in rows), rows
     pool = json.loads((out / "pool.json").read_text())
     assert pool["counters"]["nonfinite"] > 0 and pool["counters"]["resyncs"] == 0
 
