@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from ports import free_port_pair  # noqa: E402
 
 H200_BF16_DENSE = 989e12
 
@@ -99,22 +99,6 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "ea4llm_pool", *map(str, args)]
 
 
-def _free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no free port pair")
-
-
 def _last_hash(run: Path) -> str | None:
     rows = []
     p = run / "metrics.jsonl"
@@ -145,7 +129,7 @@ def check_pool(dev: torch.device, tmp: Path, iterations: int, timeout: float) ->
         res.update(passed=False, line=f"reference run failed: {(ref.stderr or ref.stdout).strip()[-300:]}")
         return res
 
-    port = _free_port_pair()
+    port = free_port_pair()
     out = tmp / "pool"
     logs = {n: open(tmp / f"{n}.log", "wb") for n in ("coordinator", "cpu", "gpu")}
     procs = {"coordinator": subprocess.Popen(

@@ -9,6 +9,8 @@ Layout of a coordinator's keys folder (``--keys DIR``)::
                                  the coordinator runs)
     DIR/invites/NAME.invite      what ``ea4llm-pool invite NAME`` wrote for worker NAME (holds the
                                  worker's secret key: hand it over privately, then delete it)
+    DIR/trusted/NAME             the operator vouches for key NAME: its fitness values are used
+                                 without replication from the start (``invite --trusted``)
 
 Key files are pyzmq's certificate format (``zmq.auth.create_certificates``). An invite is a small
 YAML file (every value a JSON string, so Z85's punctuation needs no escaping)::
@@ -41,6 +43,7 @@ from . import UserError
 
 COORDINATOR = "coordinator"
 AUTHORIZED = "authorized"
+TRUSTED = "trusted"
 INVITES = "invites"
 INVITE_FORMAT = "ea4llm-pool-invite-1"
 ZAP_DOMAIN = b"ea4llm-pool"
@@ -136,6 +139,7 @@ class KeyRing:
         self.authorized.mkdir(parents=True, exist_ok=True)
         self.allowed: dict[str, str] = {}
         self.skipped: list[str] = []  # files in authorized/ that hold no key (named once by refresh)
+        self.trusted: frozenset[str] = frozenset()  # key names the operator vouches for (trusted/)
         self._signature: Optional[tuple] = None
         self.refresh()
 
@@ -149,6 +153,11 @@ class KeyRing:
 
     def refresh(self) -> bool:
         """Re-read ``authorized/`` if it changed; True if the set of admitted keys changed."""
+        try:
+            with os.scandir(self.dir / TRUSTED) as it:
+                self.trusted = frozenset(e.name.removesuffix(".key") for e in it if e.is_file())
+        except OSError:
+            self.trusted = frozenset()
         sig = self._scan()
         if sig == self._signature:
             return False
@@ -260,15 +269,19 @@ def client_credentials(invite: Optional[str], key: Optional[str], server_key: Op
 
 
 def write_invite(keys_dir: str | Path, name: str, connect: str, out: Optional[str | Path] = None,
-                 reuse: bool = False) -> Path:
+                 reuse: bool = False, trusted: bool = False) -> Path:
     """A new worker key pair, admitted (its public key goes to ``authorized/``), and the invite
-    file that carries it to the worker. ``reuse``: an existing invite of that name is kept."""
+    file that carries it to the worker. ``reuse``: an existing invite of that name is kept;
+    ``trusted``: the operator vouches for the worker (``trusted/NAME``)."""
     from .link import check_endpoint
 
     check_name(name)
     check_endpoint(connect)
     ring = KeyRing(keys_dir, create=True)
     path = Path(out) if out else ring.dir / INVITES / f"{name}.invite"
+    if trusted:
+        (ring.dir / TRUSTED).mkdir(exist_ok=True)
+        (ring.dir / TRUSTED / name).write_text("# the operator vouches for this worker's fitness values\n")
     if path.exists():
         if reuse:
             return path

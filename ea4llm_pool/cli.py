@@ -128,6 +128,14 @@ def cli():
     """Gradient-free (EA4LLM evolution strategies) training of causal language models over a pool."""
 
 
+def _check_fitness(cfg) -> None:
+    """A run whose fitness plugin is not installed here fails before its directory is made."""
+    if cfg is not None:
+        from .fitness_plugins import load as load_fitness
+
+        load_fitness(cfg.es.fitness)
+
+
 # --------------------------------------------------------------------------------------------------
 def _worker_cmd(endpoint: str, device: str, dtype: str, threads: int, cache: Path, name: str) -> list[str]:
     # --parent-pid: a local worker dies with this process, however this process dies.
@@ -144,8 +152,11 @@ def _run_pool(cfg, out: Path, resume: bool, iterations, rt, shards: int) -> None
     torch.set_num_threads(1)
     workers = rt.workers
     desc = f"{workers} local worker process{'es' if workers != 1 else ''} on {rt.device} ({rt.dtype})"
+    # The local workers are this process's own children: vouched for (their values are used as
+    # they come); any other worker that joins is checked.
     coord = Coordinator(cfg, out, "tcp://127.0.0.1:0", resume=resume, iterations=iterations, shards=shards,
-                        device=rt.device, threads=max(1, rt.threads), say=_say, banner_workers=desc)
+                        device=rt.device, threads=max(1, rt.threads), say=_say, banner_workers=desc,
+                        trust=tuple(f"local-{k}" for k in range(workers)))
     _say(coord.banner)
     _say_yardsticks(out, final=False)
     _say(f"coordinator listening on {coord.endpoint}; more workers can join with:\n  {coord.join_command()}")
@@ -242,6 +253,7 @@ def train(config, out, iterations, workers, device, dtype, threads, shards, resu
             setattr(rt, key, val)
     out = Path(out) if out else _default_out(config)
     resolve_device(rt.device)  # before anything: a bad device must not leave a half-made run directory
+    _check_fitness(cfg)
     if rt.workers > 0:
         _run_pool(cfg, out, resume, iterations, rt, shards)
         return
@@ -301,8 +313,12 @@ def _train_inprocess(cfg, out: Path, resume: bool, iterations, rt) -> None:
               "reaches the port can join)")
 @click.option("--linger", type=click.FloatRange(min=0), default=None,
               help="seconds to keep telling returning workers that the run is over [2 x pool.worker_timeout_s]")
+@click.option("--trust", "trust", multiple=True, metavar="NAME",
+              help="vouch for a worker (a key name; a worker name in a pool without keys): its fitness values are "
+                   "used without replication from the start (also: KEYS/trusted/NAME)")
 @guarded
-def coordinator(config, out, bind, iterations, shards, resume, device, threads, overrides, keys, insecure, linger):
+def coordinator(config, out, bind, iterations, shards, resume, device, threads, overrides, keys, insecure, linger,
+                trust):
     """Own a run and hand out work to workers that connect (any device, any machine)."""
     from .auth import is_loopback
     from .coordinator import Coordinator, check_bind
@@ -318,9 +334,10 @@ def coordinator(config, out, bind, iterations, shards, resume, device, threads, 
     cfg = None if resume else _load_cfg(config, overrides)
     check_bind(bind)  # before the run directory is made
     resolve_device(device)
+    _check_fitness(cfg)
     coord = Coordinator(cfg, out, bind, resume=resume, iterations=iterations, shards=shards, device=device,
                         threads=threads or max(1, min(4, os.cpu_count() or 1)), say=_say, keys=keys,
-                        linger_s=linger)
+                        linger_s=linger, trust=trust)
     _say(coord.banner)
     _say_yardsticks(out, final=False)
     _say(f"coordinator listening on {coord.endpoint}; workers join with:\n  {coord.join_command()}")
@@ -428,12 +445,20 @@ def status(connect, timeout, as_json, invite, key, server_key):
     sec = snap.get("security") or {}
     click.echo(f"security: {'CurveZMQ, ' + str(sec.get('authorized_keys')) + ' authorized keys' if sec.get('keys') else 'plain TCP (no keys)'}"
                f"; malformed frames {c.get('malformed', 0)}, throttled {c.get('throttled', 0)}, bans {c.get('bans', 0)}")
+    ver = snap.get("verify") or {}
+    if ver.get("on"):
+        click.echo(f"verify: checks {ver['checks']}, disagreements {ver['disagreements']}, wrong answers "
+                   f"{ver['wrong_answers']}, quarantines {ver['quarantines']}, bans {ver['verify_bans']}; reference "
+                   f"replica {'checks' if ver['keeper_verifies'] else 'does not check'} units")
+    else:
+        click.echo("verify: off (fitness values are not checked)")
     click.echo(f"{'worker':<24}{'key':<14}{'device':<10}{'dtype':<6}{'thr':>4}{'samples/s':>11}{'seen':>7}{'iter':>7}"
-               f"{'bad':>5}  agrees")
+               f"{'bad':>5}  agrees  {'trust':<12}{'wrong':>5}")
     for w in snap["workers"]:
         click.echo(f"{w['name'][:23]:<24}{(w.get('key') or '-')[:13]:<14}{w['device']:<10}{w['dtype']:<6}"
                    f"{w['threads']:>4}{w['throughput']:>11.1f}{w['last_seen_s']:>6.1f}s{w['iteration']:>7}"
-                   f"{w.get('malformed', 0):>5}  {'yes' if w['state_agrees'] else 'NO'}")
+                   f"{w.get('malformed', 0):>5}  {'yes   ' if w['state_agrees'] else 'NO    '}  "
+                   f"{w.get('trust', '-'):<12}{w.get('wrong_answers', 0):>5}")
     for o in sec.get("offenders") or []:
         click.echo(f"offender {o['peer'][:40]}: malformed {o['malformed']}, strikes {o['strikes']}, bans {o['bans']}, "
                    f"throttled {o['throttled']}, dropped while banned {o['dropped_banned']} ({o['last_reason'][:80]})")
@@ -458,14 +483,16 @@ def keygen(out, name):
 @click.option("--connect", default=None, help="address workers reach the coordinator at [tcp://THIS_HOST:5555]")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="invite file [KEYS/invites/NAME.invite]")
 @click.option("--reuse", is_flag=True, help="keep an existing invite of that name instead of failing")
+@click.option("--trusted", is_flag=True, help="vouch for this worker: its fitness values are used without "
+              "replication from the start (for your own machines)")
 @guarded
-def invite(name, keys, connect, out, reuse):
+def invite(name, keys, connect, out, reuse, trusted):
     """Admit a new worker: a key pair for it, its public key in KEYS/authorized/, and one invite file
     (address, its keys, the coordinator's public key) to hand to it. Revoke by deleting
     KEYS/authorized/NAME.key; a running coordinator cuts the worker off at once."""
     from .auth import default_connect, write_invite
 
-    path = write_invite(keys, name, connect or default_connect(), out, reuse=reuse)
+    path = write_invite(keys, name, connect or default_connect(), out, reuse=reuse, trusted=trusted)
     click.echo(f"invite for {name}: {path} (holds the worker's secret key: hand it over privately)")
     click.echo(f"on the worker's machine:\n  ea4llm-pool worker --invite {path.name} --device cpu")
 

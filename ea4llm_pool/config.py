@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import UserError
 
 GROUPS = ("emb", "attn", "mlp", "ln", "head")
+FITNESS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""What an entry-point name may look like here: no ':' and no '/', so nothing reads as an import path."""
 
 
 class _Section(BaseModel):
@@ -107,6 +110,20 @@ class ESCfg(_Section):
         "none", description="alpha decay after the warm-up, down to alpha_decay_floor*alpha at alpha_decay_end")
     alpha_decay_end: int = Field(0, ge=0, description="iteration where the decay reaches its floor (stays there)")
     alpha_decay_floor: float = Field(0.1, ge=0, le=1, description="alpha at the end of the decay, as a fraction of alpha")
+    weight_decay: float = Field(
+        0.0, ge=0, description="decoupled weight decay: theta -= (alpha_t*alpha_g*weight_decay)*theta each "
+                               "iteration, before the step; norm gains (group ln) are not decayed; 0 = off")
+    fitness: str = Field("logprob", description="per-sample reward: 'logprob' (the paper's) or the name of a plugin "
+                         "registered in the 'ea4llm_pool.fitness' entry-point group (docs/fitness-plugins.md)")
+
+    @field_validator("fitness")
+    @classmethod
+    def _fitness_name(cls, v: str) -> str:
+        # A name, never a module path: which code runs is decided by what each machine installed.
+        if not FITNESS_NAME.match(v):
+            raise ValueError(f"fitness must be the name of an installed plugin (letters, digits, '.', '_', '-'), "
+                             f"not a module path: got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ESCfg":
@@ -117,6 +134,11 @@ class ESCfg(_Section):
         if self.alpha_decay != "none" and self.alpha_decay_end <= self.alpha_warmup:
             raise ValueError(f"alpha_decay {self.alpha_decay} needs alpha_decay_end (iteration) > alpha_warmup "
                              f"(got {self.alpha_decay_end} <= {self.alpha_warmup})")
+        top = self.alpha * max(self.group_alpha.as_dict().values()) * self.weight_decay
+        if top >= 1:
+            raise ValueError(f"weight_decay {self.weight_decay:g} with alpha {self.alpha:g} removes "
+                             f"alpha*alpha_g*weight_decay = {top:g} >= 1 of every weight per iteration; "
+                             "use alpha*weight_decay well below 1")
         return self
 
 
@@ -145,6 +167,26 @@ class PoolCfg(_Section):
     lease_s: float = Field(10.0, gt=0, description="shortest lease expiry (s); a lease lasts 3x its expected "
                            "duration (measured throughput, model size, commits to catch up) + 5 s")
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of antithetic pairs needed to close an iteration")
+    verify: Literal["on", "off"] = Field(
+        "on", description="check workers' fitness values by replication: a new worker's answers are used only once "
+                          "another worker's agree; trusted ones are spot-checked (docs/trust.md)")
+    keeper_verifies: bool = Field(True, description="the coordinator's own replica checks units too (it vouches "
+                                  "for the pool from the start; turn off on a coordinator too slow for the model)")
+    trust_after: int = Field(8, ge=1, description="agreements in a row that make a new worker trusted")
+    spot_check: float = Field(0.1, ge=0, le=1, description="share of a trusted worker's units checked before use")
+    untrusted_share: float = Field(0.5, gt=0, le=1, description="most of one iteration's units a single untrusted "
+                                   "worker may answer first")
+    verify_tolerance: float = Field(0.0, ge=0, description="largest difference of mean reward (nats) between two "
+                                    "answers that still agree (0 = the measured bound per device and dtype)")
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+_LATE_ES = {"weight_decay": 0.0, "fitness": "logprob"}
 
 
 class Config(_Section):
@@ -159,8 +201,11 @@ class Config(_Section):
     # Sections that determine the trajectory of the weights. runtime/pool and run bookkeeping do not.
     def trajectory_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
+        # Keys added after runs were recorded stay out while at their defaults, so an existing
+        # run keeps its config hash (its run id, and what its workers are checked against).
+        es = {k: v for k, v in d["es"].items() if k not in _LATE_ES or v != _LATE_ES[k]}
         return {"seed": d["run"]["seed"], "model": d["model"], "tokenizer": d["tokenizer"],
-                "data": d["data"], "es": d["es"]}
+                "data": d["data"], "es": es}
 
     def config_hash(self) -> str:
         blob = json.dumps(self.trajectory_dict(), sort_keys=True, separators=(",", ":"))

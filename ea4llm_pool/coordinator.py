@@ -5,13 +5,16 @@ control socket (registration, leases, results, commits, heartbeats) and the keep
 
 1. plan iteration t: members (seed, sign), the shared data subset, α_t, σ_t — pure functions of
    (run seed, t), so a resumed run hands out the same work;
-2. lease units (member × data shard) to workers; the ledger (``ledger.py``, socket-free) decides
+2. lease units (antithetic pair × data shard) to workers; the ledger (``ledger.py``, socket-free) decides
    sizes, expiry, backups and the quorum, this module carries its decisions out;
 3. on a quorum of complete antithetic pairs: shape, append the COMMIT to the log (fsync), hand it
    to the keeper, announce it to every worker — all in microseconds, whatever the model's size;
 4. the keeper (``keeper.py``, its own process) applies the commit to the reference replica and
    reports the state hash; workers' hash reports are checked against it as soon as it is known
-   (a lag of an iteration or two), and a worker that disagrees is resynced.
+   (a lag of an iteration or two), and a worker that disagrees is resynced;
+5. fitness values are checked by replication (``trust.py``, ``pool.verify``): a new worker's
+   answers are used once another answer agrees (the keeper's replica checks units too, and is
+   never outvoted), trusted workers are spot-checked, and wrong answers quarantine and then ban.
 
 Held-out evaluation, checkpoints and the bulk channel (checkpoint files and log records for joining
 workers) are the keeper's work, never this loop's.
@@ -39,6 +42,7 @@ from .keeper import KeeperHandle, bind_retrying
 from .ledger import IterationLedger, WorkCost
 from .plan import plan_iteration
 from .runlog import CommitLog
+from .trust import TrustPolicy
 
 LOG_NAME = "commits.jsonl"
 IDLE_POLL_MS = 50
@@ -56,6 +60,10 @@ MAX_REASON = 1000
 """Longest free-text reason (BYE, RESULT.error) a worker may send."""
 ANSWER_MALFORMED = 3
 """Malformed frames of one peer that get an ERROR back (a buggy client learns why; a flood costs no replies)."""
+KEEPER_WID = "keeper"
+"""The ledger's name for the coordinator's own replica when it checks units."""
+VERIFY_METRICS = ("checks", "disagreements", "wrong_answers", "quarantines", "verify_bans")
+"""Verification counters written to every metrics line (running totals)."""
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Peer:
     key_name: Optional[str] = None  # the authorized key it joined with: its identity (None: plain TCP)
     user: Optional[str] = None      # that key in Z85, as the ZAP handler stamped it on every frame
     guard_id: str = ""              # its record in the Guard (per key, or per connection without keys)
+    trust_id: str = ""              # whose standing its answers build: its key, or its name without keys
 
 
 def check_bind(bind: str) -> None:
@@ -111,7 +120,7 @@ class Coordinator:
     def __init__(self, cfg: Optional[Config], out: str | Path, bind: str, *, resume: bool = False,
                  iterations: Optional[int] = None, shards: int = 1, device: str = "cpu", threads: int = 1,
                  say: Callable[[str], None] = print, progress=None, banner_workers: str = "pool",
-                 keys: Optional[str | Path] = None, linger_s: Optional[float] = 0.0):
+                 keys: Optional[str | Path] = None, linger_s: Optional[float] = 0.0, trust: tuple = ()):
         self.out = Path(out)
         self.say = say
         self.progress = progress
@@ -124,6 +133,8 @@ class Coordinator:
             say(f"coordinator: made a key pair in {self.keyring.dir} (give workers {self.keyring.dir}/coordinator.key "
                 "or an invite)")
         self.linger_s = linger_s  # None: 2 x pool.worker_timeout_s, once the config is known
+        self.trust = set(trust)   # key names (or worker names without keys) vouched for from the start
+        self.device = device
         self.log = self._open_log(cfg, resume)
         host, bind_port = bind.rsplit(":", 1)
         bulk_bind = f"{host}:0" if bind_port in ("0", "*") else f"{host}:{int(bind_port) + 1}"
@@ -181,11 +192,21 @@ class Coordinator:
 
         self.selftest_ref = known_answers()
         es = self.cfg.es
+        self.policy = TrustPolicy.for_pool(self.pool)
         self.ledger = IterationLedger(
             quorum=self.pool.quorum, shards=shards, lease_floor_s=self.pool.lease_s,
             worker_timeout_s=self.pool.worker_timeout_s, samples_per_iteration=es.samples_per_iteration,
             cost=WorkCost.for_run(self.cfg, self.params),
-            lease_prefix=uuid.uuid4().hex[:6])
+            lease_prefix=uuid.uuid4().hex[:6], policy=self.policy)
+        if self.policy is not None and self.cfg.es.fitness != "logprob" and not self.pool.verify_tolerance:
+            say(f"coordinator: warning: the agreement bounds of pool.verify were measured for the log-prob fitness; "
+                f"set pool.verify_tolerance for '{self.cfg.es.fitness}' (the largest difference two honest "
+                "devices give), or verification may quarantine honest workers")
+        if self.policy is not None and self.pool.keeper_verifies:
+            import torch
+
+            self.ledger.join(KEEPER_WID, kind=(torch.device(device).type, "fp32"), verifier=True)
+            self.ledger.set_ready(KEEPER_WID, True)
         for step, h in self.reference.items():
             self.ledger.reference(step, h)
         self.peers: dict[str, Peer] = {}
@@ -255,6 +276,10 @@ class Coordinator:
 
     def _send_leases(self, leases) -> None:
         for lease in leases:
+            if lease.wid == KEEPER_WID:
+                self.keeper.send("evaluate", lease_id=lease.lease_id, iteration=lease.iteration, sigma=lease.sigma,
+                                 units=lease.units)
+                continue
             peer = self.peers.get(lease.wid)
             ok = peer is not None and self._send(
                 peer.ident, P.LEASE, lease_id=lease.lease_id, iteration=lease.iteration, alpha=lease.alpha,
@@ -414,9 +439,19 @@ class Coordinator:
                       " (start the worker without --config, or with the run's config)")
         else:
             bad = sorted(k for k, v in self.selftest_ref.items() if msg.selftest.get(k) != v)
+            have = msg.fitness if msg.fitness is not None else ["logprob"]  # a worker from before plugins
             if bad:
                 reason = (f"{msg.device} failed the start-up self-test ({', '.join(bad)} differ from the known "
                           "answers), so it cannot reproduce the run bit for bit")
+            elif self.cfg.es.fitness not in have:
+                reason = (f"this run's fitness '{self.cfg.es.fitness}' is not installed on the worker "
+                          f"(it has: {', '.join(have)})")
+        key_name = self.keyring.name_of(user) if self.keyring is not None else None
+        trust_id = f"key:{key_name}" if key_name else f"name:{msg.worker_name}"
+        banned = self.ledger.banned_for(trust_id)
+        if not reason and banned > 0:
+            reason = (f"banned for another {banned:.0f} s: this worker's fitness values disagreed with other workers' "
+                      "too often (check its device, dtype and installed versions)")
         if reason:
             self.counters["rejected"] += 1
             self.say(f"coordinator: rejected {msg.worker_name}: {reason}")
@@ -429,13 +464,15 @@ class Coordinator:
             del self.missing[k]
         wid = uuid.uuid4().hex[:8]
         now = time.monotonic()
-        key_name = self.keyring.name_of(user) if self.keyring is not None else None
         peer = Peer(wid, ident, msg.worker_name, msg.device, msg.dtype, msg.threads, now, now,
-                    key_name=key_name, user=user, guard_id=gid or f"conn:{ident.hex()}")
+                    key_name=key_name, user=user, guard_id=gid or f"conn:{ident.hex()}", trust_id=trust_id)
         self.peers[wid] = peer
         self.by_ident[ident] = wid
         self.guard.pin(peer.guard_id, key_name or msg.worker_name)
-        self.ledger.join(wid, float(msg.throughput), identity=key_name)
+        vouched = (key_name or msg.worker_name) in self.trust or (
+            self.keyring is not None and key_name in self.keyring.trusted)
+        self.ledger.join(wid, float(msg.throughput), identity=key_name, trust_id=peer.trust_id,
+                         kind=(msg.device.split(":", 1)[0], msg.dtype), vouched=vouched)
         s = msg.state_iteration
         keep = bool(0 <= s <= self.step and msg.state_hash and self.ledger.reference_hash(s) == msg.state_hash
                     and self.step - s <= KEEP_BEHIND)
@@ -479,6 +516,26 @@ class Coordinator:
                          malformed=False)
         if msg.iteration == self.ledger.iteration:
             self.eval_s += float(msg.eval_s)
+        self._verdicts()
+
+    def _verdicts(self) -> None:
+        """Carry out the ledger's quarantines and bans for wrong fitness values."""
+        for ev in self.ledger.take_events():
+            sessions = [self.peers[w] for w in ev["wids"] if w in self.peers]
+            label = sessions[0].name if sessions else ev["trust_id"]
+            if ev["event"] == "quarantine":
+                self.say(f"coordinator: quarantined {label} after {ev['reason']}: its fitness values are no longer "
+                         "used, and its unverified ones in this iteration were discarded")
+                continue
+            seconds = ev["seconds"]
+            self.say(f"coordinator: banned {label} for {seconds:.0f} s after {ev['reason']}")
+            for peer in sessions:
+                self._send(peer.ident, P.ERROR, code="banned", retry_s=seconds,
+                           reason=f"banned for {seconds:.0f} s: this worker's fitness values disagreed with other "
+                                  "workers' too often (check its device, dtype and installed versions)")
+                self.counters["banned_workers"] += 1
+                self._forget(peer, "was banned for wrong fitness values; its leases go back in the queue",
+                             count=True, may_return=False)
 
     def _forget(self, peer: Peer, why: str, count: bool, may_return: bool = True) -> None:
         """Forget a worker (``count``: it was dropped, not a goodbye); its leases go back in the queue.
@@ -508,6 +565,15 @@ class Coordinator:
         elif kind == "line":
             if self.progress is not None:
                 self.progress(msg["line"])
+        elif kind == "result":
+            self.ledger.heard(KEEPER_WID)
+            if msg.get("error"):
+                self.say(f"coordinator: the reference replica could not check lease {msg['lease_id']}: {msg['error']}")
+                self.ledger.on_error(KEEPER_WID, msg["lease_id"], int(msg["iteration"]), msg["error"])
+            else:
+                self.ledger.on_result(KEEPER_WID, msg["lease_id"], int(msg["iteration"]), list(msg["results"]),
+                                      float(msg["eval_s"]))
+                self._verdicts()
         elif kind == "hash":
             self._bulk_counters(msg)
             step, h = int(msg["step"]), msg["state_hash"]
@@ -560,6 +626,13 @@ class Coordinator:
         upd = self.ledger.update_seconds()
         if upd:
             extra["worker_update_s"] = round(upd, 4)
+        if self.policy is not None:
+            extra.update({name: self.ledger.counters[name] for name in VERIFY_METRICS})
+            # This iteration's work: units answered by pool workers (first answers and checks), how
+            # many of the values used came from them, and what the reference replica answered.
+            extra.update(pool_answers=closing.pool_answers, pool_used=closing.pool_used,
+                         reference_answers=closing.reference_answers,
+                         untrusted_workers=sum(self.ledger.worker_view(w)["trust"] == "new" for w in self.peers))
         self.keeper.send("commit", record=record, seconds=seconds, tokens=closing.samples * self.cfg.data.seq_len,
                          extra=extra)
         self.plan = None
@@ -589,7 +662,22 @@ class Coordinator:
                 "workers": [self._worker_row(p) for p in self.peers.values()],
                 "security": {"keys": self.keyring is not None,
                              "authorized_keys": len(self.keyring.allowed) - 1 if self.keyring is not None else None,
-                             "peers_tracked": len(self.guard), "offenders": self.guard.offenders()}}
+                             "peers_tracked": len(self.guard), "offenders": self.guard.offenders()},
+                "verify": self._verify_view()}
+
+    def _verify_view(self) -> dict:
+        if self.policy is None:
+            return {"on": False}
+        view = {"on": True, "keeper_verifies": self.pool.keeper_verifies, "trust_after": self.policy.trust_after,
+                "spot_check": self.policy.spot_check, "untrusted_share": self.policy.untrusted_share,
+                **{name: self.ledger.counters[name] for name in ("checks", "agreed", "disagreements",
+                                                                  "third_evaluations", "spot_checks", "wrong_answers",
+                                                                  "quarantines", "verify_bans", "discarded",
+                                                                  "shadow_checks")},
+                "open_iteration": self.ledger.progress()}
+        if self.ledger.is_ready(KEEPER_WID):
+            view["reference_units"] = self.ledger.worker_view(KEEPER_WID)["units_done"]
+        return view
 
     # -- the loop ------------------------------------------------------------------------------------
     def _poll(self, timeout_ms: int) -> None:

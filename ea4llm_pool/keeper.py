@@ -6,6 +6,8 @@ announces it at once. Everything that touches the model happens here, beside it:
 * the reference replica follows every commit and reports its state hash (the coordinator checks
   the workers' reports against it, and the next records attest it);
 * held-out evaluation, metrics and the loss plot, checkpoints;
+* checking units when the pool verifies fitness values: the reference replica evaluates the
+  members it is leased at the state they belong to (commits and leases arrive in order);
 * the bulk channel (a thread): checkpoint files, log records, and the newest sync point — when a
   worker asks to join and the latest checkpoint is more than FRESH_STEPS commits old, a checkpoint
   of the current state is written for it, so a late joiner never replays hundreds of commits.
@@ -326,6 +328,8 @@ class Keeper:
             kind = msg["kind"]
             if kind == "commit":
                 self._commit(msg)
+            elif kind == "evaluate":
+                self._evaluate(msg)
             elif kind == "finish":
                 self._finish(bool(msg.get("complete")))
             elif kind == "quit":
@@ -349,6 +353,25 @@ class Keeper:
         if step_dir(self.run.out, self.run.step).exists() and self.sync_point[0] < self.run.step:
             self._offer_checkpoint(step_dir(self.run.out, self.run.step))
         self.send("line", line=self._clean(line))
+
+    def _evaluate(self, msg: dict) -> None:
+        """A lease for the reference replica: the members' fitness, as a worker computes it."""
+        run, results, error = self.run, [], None
+        t0 = time.perf_counter()
+        if run.step != int(msg["iteration"]):
+            error = f"the reference replica is at step {run.step}, the lease is for iteration {msg['iteration']}"
+        else:
+            try:
+                for u in msg["units"]:
+                    ids, mask = run.train.batch(u["indices"])
+                    s, c = run.replica.evaluate_member(int(u["seed"]), int(u["sign"]), float(msg["sigma"]), ids, mask,
+                                                       run.cfg.es.micro_batch)
+                    results.append({"member": u["member"], "sign": u["sign"], "sum_r": s, "count": c})
+            except (RuntimeError, MemoryError, ValueError, IndexError) as err:
+                error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                results = []
+        self.send("result", lease_id=msg["lease_id"], iteration=msg["iteration"], results=results,
+                  eval_s=time.perf_counter() - t0, error=error)
 
     def _finish(self, complete: bool) -> None:
         from .checkpoint import step_dir

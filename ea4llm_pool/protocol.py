@@ -31,7 +31,9 @@ type           dir    fields
 HELLO          w→c    config_hash:str, selftest:map[str,str] (≤ MAX_SELFTEST; device self-test
                       part → digest), device:str, dtype:str, threads:int≥1,
                       throughput:float≥0 (samples/s estimate), worker_name:str, pid:int≥0,
-                      state_iteration:int≥-1 (-1 = no state), state_hash:str ("" = none)
+                      state_iteration:int≥-1 (-1 = no state), state_hash:str ("" = none),
+                      ?fitness:list[str] (≤ MAX_FITNESS; the fitness plugins installed on the
+                      worker; absent = ["logprob"], what a worker without plugins has)
 WELCOME        c→w    worker_id:str, run_id:str, config_yaml:str, heartbeat_s:float>0,
                       bulk_port:int 0..65535 (the bulk channel's port on the coordinator's host),
                       keep_state:bool (true: the worker's reported state is verified; it only
@@ -117,6 +119,9 @@ MAX_FILES = 64
 
 MAX_SELFTEST = 32
 """Most entries in HELLO.selftest."""
+
+MAX_FITNESS = 256
+"""Most names in HELLO.fitness."""
 
 MAX_CONTAINER_LEN = 1 << 22
 """Largest msgpack array accepted by the decoder (entries)."""
@@ -334,6 +339,7 @@ class Hello(MessageModel):
     pid: Nat
     state_iteration: Step
     state_hash: str
+    fitness: Annotated[list[str], Field(max_length=MAX_FITNESS)] = None
 
 
 class Welcome(MessageModel):

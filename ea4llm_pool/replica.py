@@ -2,6 +2,10 @@
 
 Workers evaluate members on a replica and apply every commit to it; the coordinator keeps one too
 (for held-out evaluation and checkpoints). All replicas of a run hold bit-identical masters.
+
+Members are scored with the run's fitness (``es.fitness``: the built-in log-prob or an installed
+plugin, ``fitness_plugins.py``); the held-out loss is always the log-prob loss, so runs with
+different fitness functions stay comparable.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from .es.perturb import write_center, write_member
 from .es.state import MasterState
 from .es.statehash import state_hash
 from .es.update import apply_commit
+from .fitness_plugins import load as load_fitness
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,6 +46,9 @@ class Replica:
         """``chunk``: noise/update chunk in elements (0: the device's default); ``compile``: "auto",
         "on" or "off" for the compiled integer kernels (``es/kernels.py``)."""
         self.es = es
+        # Resolved before any weights are touched: a missing plugin is a one-line error, not a
+        # failure on the first lease.
+        self.rewards = load_fitness(es.fitness)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         model.requires_grad_(False)
@@ -61,14 +69,14 @@ class Replica:
 
     def evaluate_member(self, seed: int, sign: int, sigma: float, ids: torch.Tensor, mask: torch.Tensor,
                         micro_batch: int) -> tuple[float, int]:
-        """Σ R and sample count of member (seed, sign) on the given samples."""
+        """Σ R (the run's fitness) and sample count of member (seed, sign) on the given samples."""
         write_member(self.master, self.working, self.noise, seed, sign, sigma, self.group_sigma)
         self._center_fresh = False
         ids, mask = self._to_device(ids, mask)
-        return fitness_sums(self.model, ids, mask, micro_batch)
+        return fitness_sums(self.model, ids, mask, micro_batch, self.rewards)
 
     def evaluate_center(self, ids: torch.Tensor, mask: torch.Tensor, micro_batch: int) -> tuple[float, int]:
-        """Σ R and count of the unperturbed master (used for held-out loss)."""
+        """Σ R (always the log-prob fitness) and count of the unperturbed master: the held-out loss."""
         if not self._center_fresh:
             write_center(self.master, self.working)
             self._center_fresh = True

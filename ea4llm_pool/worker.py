@@ -30,6 +30,7 @@ import zmq
 from . import UserError, protocol as P
 from .checkpoint import load_master_into, load_model_skeleton, read_meta
 from .config import Config, from_dict
+from .fitness_plugins import available as available_fitness
 from .link import AUTH_FAILED, LOST, Link, check_endpoint
 from .replay import ReplayMismatch, replay
 from .replica import Replica, resolve_device
@@ -92,7 +93,8 @@ class Worker:
                       selftest=self.selftest, device=str(self.device), dtype=self.dtype,
                       threads=max(1, torch.get_num_threads()), throughput=float(self.throughput),
                       worker_name=self.name, pid=os.getpid(), state_iteration=state_it,
-                      state_hash=self.replica.state_hash() if self.replica is not None else "")
+                      state_hash=self.replica.state_hash() if self.replica is not None else "",
+                      fitness=available_fitness())  # names from package metadata; imports no plugin
         return P.encode(P.HELLO, **fields)
 
     def _register(self) -> P.Message:
@@ -395,6 +397,9 @@ class Worker:
             elif t == P.ERROR:
                 if msg.code == "unknown_worker":
                     return "reregister"
+                if msg.code == "banned":
+                    self.say(f"worker: banned by the coordinator: {msg.reason}")
+                    return EXIT_REJECTED
                 self.say(f"worker: coordinator error: {msg.reason}")
             elif t == P.REJECT:  # the coordinator cut this worker off (its key was revoked)
                 self.say(f"worker: rejected by the coordinator: {msg.reason}")

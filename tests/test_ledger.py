@@ -44,81 +44,123 @@ def make_ledger(clock, workers=(), *, samples=8, **kw) -> IterationLedger:
     return ledger
 
 
-def results_for(lease, reward: float = -2.0) -> list[dict]:
-    """What an honest worker answers: mean R = ``reward`` on every unit."""
-    return [{"member": u["member"], "sign": u["sign"], "sum_r": reward * len(u["indices"]), "count": len(u["indices"])}
-            for u in lease.units]
+def results_for(lease, reward=-2.0) -> list[dict]:
+    """What an honest worker answers: one entry per member entry of the lease, mean R = ``reward``
+    (a number, or a function of the member) on every sample."""
+    mean = reward if callable(reward) else (lambda m: reward)
+    return [{"member": u["member"], "sign": u["sign"], "sum_r": mean(u["member"]) * len(u["indices"]),
+             "count": len(u["indices"])} for u in lease.units]
 
 
-def answer(ledger, lease, reward: float = -2.0, eval_s: float = 0.1) -> dict:
+def answer(ledger, lease, reward=-2.0, eval_s: float = 0.1) -> dict:
     return ledger.on_result(lease.wid, lease.lease_id, lease.iteration, results_for(lease, reward), eval_s)
 
 
-def units_of(leases) -> list[tuple[int, int]]:
-    """(member, first sample index) of every unit in ``leases``."""
-    return sorted((u["member"], u["indices"][0]) for lease in leases for u in lease.units)
+def units_of(leases, pair: int = 2) -> list[tuple[tuple[int, ...], int]]:
+    """(members, first sample index) of every unit in ``leases``. A unit is listed on the wire as
+    ``pair`` consecutive entries of one seed on one shard: both signs of an antithetic pair (2), or
+    one member without antithetic sampling (1)."""
+    out = []
+    for lease in leases:
+        assert len(lease.units) % pair == 0, lease.units
+        for i in range(0, len(lease.units), pair):
+            group = lease.units[i: i + pair]
+            assert all(u["seed"] == group[0]["seed"] and u["indices"] == group[0]["indices"] for u in group), group
+            assert pair == 1 or [u["sign"] for u in group] == [1, -1], group
+            out.append((tuple(u["member"] for u in group), group[0]["indices"][0]))
+    return sorted(out)
+
+
+def entries(leases) -> int:
+    """Member entries (results expected) in ``leases``."""
+    return sum(len(lease.units) for lease in leases)
 
 
 # -- lease sizes ---------------------------------------------------------------------------------------
 
 def test_a_lease_holds_about_half_a_second_of_a_measured_workers_work_and_at_most_two_are_out():
     clock = FakeClock()
-    # 8 samples in 8 shards: one sample per unit; 10 samples/s → 5 units take 0.5 s.
+    # 8 samples in 8 shards: a unit is a pair on one sample, 2 samples; 10 samples/s → 2 units
+    # (4 samples, 0.4 s) fit in 0.5 s, a third would not.
     ledger = make_ledger(clock, [("w", 10.0)], shards=8, samples=8)
     ledger.open(make_plan(members=20))
     first = ledger.dispatch()
-    assert [len(lease.units) for lease in first] == [5, 5]
+    assert [len(units_of([lease])) for lease in first] == [2, 2]
+    assert [len(lease.units) for lease in first] == [4, 4]  # both members of each pair on the wire
     assert ledger.dispatch() == []  # two leases' worth is out: the next waits for an answer
-    answer(ledger, first[0], eval_s=0.5)
+    answer(ledger, first[0], eval_s=0.4)  # 4 samples in 0.4 s: still 10 samples/s
     again = ledger.dispatch()
-    assert [len(lease.units) for lease in again] == [5]
-    assert ledger.worker_view("w")["units_out"] == 10
+    assert [len(units_of([lease])) for lease in again] == [2]
+    assert ledger.worker_view("w")["units_out"] == 8  # member entries: 4 units (pairs on a shard)
+    assert ledger.worker_view("w")["leases"] == 2
+
+
+def test_without_antithetic_sampling_a_unit_is_one_member_and_leases_size_by_it():
+    clock = FakeClock()
+    # A unit is one member on one sample: 10 samples/s → 5 units take 0.5 s.
+    ledger = make_ledger(clock, [("w", 10.0)], shards=8, samples=8)
+    ledger.open(make_plan(members=10, antithetic=False))
+    first = ledger.dispatch()
+    assert [len(units_of([lease], pair=1)) for lease in first] == [5, 5]
+    assert [len(lease.units) for lease in first] == [5, 5]
+    assert answer(ledger, first[0], eval_s=0.5)["accepted"] == 5
 
 
 def test_an_unmeasured_worker_gets_one_unit_at_a_time():
     clock = FakeClock()
     ledger = make_ledger(clock, [("w", 0.0)], shards=4)
-    ledger.open(make_plan(members=4))
-    assert [len(lease.units) for lease in ledger.dispatch()] == [1, 1]
+    ledger.open(make_plan(members=4))  # 2 pairs × 4 shards: 8 units
+    leases = ledger.dispatch()
+    assert [len(units_of([lease])) for lease in leases] == [1, 1]
+    assert [len(lease.units) for lease in leases] == [2, 2]  # one pair: both signs of its seed
 
 
 def test_a_lease_never_exceeds_the_workers_share_of_the_iteration():
     clock = FakeClock()
-    # 16 units; throughputs 3:1 → shares 12 and 4, although 0.5 s of work would be 150 and 50 units.
+    # 2 pairs × 4 shards: 8 units of 2 samples; throughputs 3:1 → shares 6 and 2, although 0.5 s
+    # of work would be 75 and 25 units.
     ledger = make_ledger(clock, [("fast", 300.0), ("slow", 100.0)], shards=4, samples=4)
     ledger.open(make_plan(members=4, samples=4))
     leases = ledger.dispatch()
-    by_worker = {lease.wid: len(lease.units) for lease in leases}
-    assert by_worker == {"fast": 12, "slow": 4}
+    by_worker = {lease.wid: len(units_of([lease])) for lease in leases}
+    assert by_worker == {"fast": 6, "slow": 2}
+    assert {lease.wid: len(lease.units) for lease in leases} == {"fast": 12, "slow": 4}
     assert len(leases) == 2
 
 
 def test_shares_take_largest_remainders_so_every_unit_has_a_worker():
     clock = FakeClock()
-    # 2 units for three equal workers: two of them get one each, and no unit is left unplanned.
+    # 2 units (2 pairs on one shard) for three equal workers: two of them get one each, and no
+    # unit is left unplanned.
     ledger = make_ledger(clock, [("a", 100.0), ("b", 100.0), ("c", 100.0)])
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))
     leases = ledger.dispatch()
-    assert sorted(len(lease.units) for lease in leases) == [1, 1]
+    assert sorted(len(units_of([lease])) for lease in leases) == [1, 1]
+    assert len(units_of(leases)) == 2
     assert len({lease.wid for lease in leases}) == 2
 
 
 def test_two_workers_split_an_iteration_by_throughput_and_close_it():
     clock = FakeClock()
-    ledger = make_ledger(clock, [("fast", 30.0), ("slow", 10.0)], shards=8, samples=8)
-    ledger.open(make_plan(members=10))  # 80 units of one sample
-    while not ledger.ready_to_close():
+    # 6 pairs × 8 shards: 48 units of 2 samples; 0.5 s of work is 6 units on fast, 2 on slow.
+    ledger = make_ledger(clock, [("fast", 24.0), ("slow", 8.0)], shards=8, samples=8)
+    ledger.open(make_plan(members=12))
+    rounds = 0
+    while not ledger.ready_to_close() and rounds < 10:  # bounded: a ledger that never settles fails, not hangs
         leases = ledger.dispatch()
         assert leases, "work left but nothing leased"
         for lease in leases:
-            tp = 30.0 if lease.wid == "fast" else 10.0
-            answer(ledger, lease, eval_s=len(lease.units) / tp)
+            tp = 24.0 if lease.wid == "fast" else 8.0
+            answer(ledger, lease, eval_s=len(lease.units) / tp)  # one sample per member entry
         clock.advance(0.5)
+        rounds += 1
+    assert rounds == 3
+    # units_done counts member entries: 36 and 12 units, both signs each.
     done = {wid: ledger.worker_view(wid)["units_done"] for wid in ("fast", "slow")}
-    assert done == {"fast": 60, "slow": 20}
+    assert done == {"fast": 72, "slow": 24}
     closing = ledger.close()
-    assert len(closing.members) == 10 and closing.samples == 80
-    assert closing.rewards == [-2.0] * 10
+    assert len(closing.members) == 12 and closing.samples == 96
+    assert closing.rewards == [-2.0] * 12
     assert ledger.iteration is None
 
 
@@ -127,7 +169,7 @@ def test_two_workers_split_an_iteration_by_throughput_and_close_it():
 def test_an_expired_lease_is_requeued_and_its_late_answer_is_stale():
     clock = FakeClock()
     ledger = make_ledger(clock, [("w", 0.0)])
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))  # 2 pairs: 2 units, one per lease
     first, second = ledger.dispatch()
     assert second.expires_s > first.expires_s + EXPIRE_SCAN_S  # it also waits for the first
     clock.advance(first.expires_s - 0.01)
@@ -148,7 +190,7 @@ def test_an_expired_lease_is_requeued_and_its_late_answer_is_stale():
 def test_expiry_is_scanned_at_most_every_interval():
     clock = FakeClock()
     ledger = make_ledger(clock, [("w", 0.0)], worker_timeout_s=1e9)
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))
     first, _ = ledger.dispatch()
     clock.advance(first.expires_s - EXPIRE_SCAN_S / 2)
     ledger.expire()
@@ -163,7 +205,7 @@ def test_expiry_is_scanned_at_most_every_interval():
 def test_a_silent_worker_is_dropped_and_its_units_go_to_another():
     clock = FakeClock()
     ledger = make_ledger(clock, [("quiet", 0.0), ("alive", 0.0)], lease_floor_s=1000.0)
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))  # 2 units: one each
     leases = ledger.dispatch()
     assert {lease.wid for lease in leases} == {"quiet", "alive"}
     lost = [lease for lease in leases if lease.wid == "quiet"]
@@ -184,18 +226,21 @@ def test_a_silent_worker_is_dropped_and_its_units_go_to_another():
 def test_a_worker_that_leaves_or_is_not_ready_hands_its_units_back():
     clock = FakeClock()
     ledger = make_ledger(clock, [("a", 0.0), ("b", 0.0)])
-    ledger.open(make_plan(members=4))
+    ledger.open(make_plan(members=8))  # 4 pairs: 4 units, two leases of one each per worker
     first = ledger.dispatch()
     a_units = units_of(lease for lease in first if lease.wid == "a")
+    assert len(a_units) == 2
     ledger.set_ready("a", False)
     assert ledger.worker_view("a")["leases"] == 0 and ledger.counters["reissued"] == len(a_units)
     b_leases = [lease for lease in first if lease.wid == "b"]
     for lease in b_leases:
         answer(ledger, lease)
-    assert units_of(ledger.dispatch()) == a_units  # to b: a is not ready
+    again = ledger.dispatch()
+    assert {lease.wid for lease in again} == {"b"} and units_of(again) == a_units  # a is not ready
     assert not ledger.is_ready("a") and ledger.is_ready("b")
     view = ledger.leave("b")
-    assert view["units_done"] == len(units_of(b_leases)) and ledger.counters["dropped_workers"] == 0
+    # units_done counts member entries answered: both signs of each of b's 2 units.
+    assert view["units_done"] == entries(b_leases) == 4 and ledger.counters["dropped_workers"] == 0
     assert ledger.leave("b") is None
 
 
@@ -215,10 +260,10 @@ def test_a_failed_send_undoes_the_lease():
 # -- backups at the tail -------------------------------------------------------------------------------------
 
 def _tail(workers=("a", "b", "c")):
-    """One antithetic pair (two units) leased to the first two workers; the rest are idle."""
+    """Two antithetic pairs on one shard (two units) leased to the first two workers; the rest are idle."""
     clock = FakeClock()
     ledger = make_ledger(clock, [(w, 0.0) for w in workers], lease_floor_s=1000.0)
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))
     leases = ledger.dispatch()
     assert len(leases) == 2
     return clock, ledger, leases
@@ -277,34 +322,46 @@ def test_the_first_answer_wins_and_the_copy_counts_as_duplicate():
     answer(ledger, quick)
     clock.advance(2.0)
     (backup,) = ledger.dispatch()
-    assert answer(ledger, backup, reward=-1.0)["accepted"] == 1
+    assert units_of([backup]) == units_of([stuck])
+    assert answer(ledger, backup, reward=-1.0)["accepted"] == 2  # counted per member: both signs
     assert ledger.ready_to_close()
     late = answer(ledger, stuck, reward=-5.0)
-    assert late["duplicate"] == 1 and ledger.counters["duplicate"] == 1
+    assert late["duplicate"] == 2 and late["accepted"] == 0 and ledger.counters["duplicate"] == 2
     closing = ledger.close()
-    assert sorted(closing.rewards) == [-2.0, -1.0]
+    (copied, _), = units_of([stuck])
+    expect = [-1.0 if m.member in copied else -2.0 for m in closing.members]
+    assert [m.member for m in closing.members] == [0, 1, 2, 3] and closing.rewards == expect
 
 
 # -- quorum ----------------------------------------------------------------------------------------------------
 
 def test_a_quorum_of_complete_pairs_closes_and_partial_pairs_are_left_out():
     clock = FakeClock()
-    ledger = make_ledger(clock, [(f"w{i}", 0.0) for i in range(8)], quorum=0.5)
-    ledger.open(make_plan(members=8))  # 4 pairs: the quorum is 2 complete pairs
-    by_member = {lease.units[0]["member"]: lease for lease in ledger.dispatch()}
-    assert sorted(by_member) == list(range(8))
-    for m in (0, 1, 2, 5):
-        answer(ledger, by_member[m], reward=-float(m))
-    # Answered: members 0, 1 (pair 0 complete), 2 (pair 1 half), 5 (pair 2 half).
-    assert not ledger.ready_to_close()
-    answer(ledger, by_member[4], reward=-4.0)  # pair 2 complete
+    ledger = make_ledger(clock, [(f"w{i}", 0.0) for i in range(8)], quorum=0.5, shards=2)
+    ledger.open(make_plan(members=8))  # 4 pairs on 2 shards (samples 0-3, 4-7): the quorum is 2 complete pairs
+    by_unit = {}
+    for lease in ledger.dispatch():
+        (unit,) = units_of([lease])
+        by_unit[unit] = lease
+    pair = {g: (2 * g, 2 * g + 1) for g in range(4)}
+    assert sorted(by_unit) == sorted((pair[g], first) for g in range(4) for first in (0, 4))
+
+    def by_member(m: int) -> float:
+        return -float(m)
+
+    for unit in [(pair[0], 0), (pair[0], 4), (pair[1], 0), (pair[2], 4)]:
+        answer(ledger, by_unit[unit], reward=by_member)
+    # Answered: pair 0 on both shards (complete), pairs 1 and 2 on one shard each (partial).
+    assert not ledger.ready_to_close() and ledger.progress()["pairs_done"] == 1
+    answer(ledger, by_unit[(pair[2], 0)], reward=by_member)  # pair 2 complete
     assert ledger.ready_to_close()
     closing = ledger.close()
     assert [m.member for m in closing.members] == [0, 1, 4, 5]
     assert closing.rewards == [-0.0, -1.0, -4.0, -5.0]
+    assert closing.samples == 4 * 8
     assert [m.member for m in closing.plan.members] == [0, 1, 4, 5] and closing.plan.indices == list(range(8))
     # Leases still out for the closed iteration are stale now.
-    assert answer(ledger, by_member[3])["stale"] == 1
+    assert answer(ledger, by_unit[(pair[3], 0)])["stale"] == 1
 
 
 @pytest.mark.parametrize("quorum,pairs,needed", [(1.0, 4, 4), (0.6, 4, 3), (0.5, 4, 2), (0.01, 4, 1), (0.3, 10, 3)])
@@ -322,13 +379,26 @@ def test_without_antithetic_pairs_every_member_is_its_own_pair():
 
 def test_a_shard_split_member_is_complete_only_with_every_shard_and_its_reward_is_the_mean_over_samples():
     clock = FakeClock()
-    ledger = make_ledger(clock, [("w", 1000.0)], shards=3, samples=8)  # shards of 3, 3, 2 samples
+    ledger = make_ledger(clock, [("w", 1000.0)], shards=3, samples=8)  # shards of 3, 2, 3 samples
     ledger.open(make_plan(members=2))
     (lease,) = ledger.dispatch()
-    results = results_for(lease)
-    for r, bonus in zip(results, [0.0, 3.0, 0.0, 0.0, 0.0, 2.0]):
-        r["sum_r"] += bonus
-    ledger.on_result("w", lease.lease_id, 0, results, 0.1)
+    assert units_of([lease]) == [((0, 1), 0), ((0, 1), 3), ((0, 1), 5)]
+    # Member 0 does better on the second shard, member 1 on the third.
+    bonus = {(0, 3): 3.0, (1, 5): 2.0}
+
+    def honest(lease):
+        results = results_for(lease)
+        for u, r in zip(lease.units, results):
+            r["sum_r"] += bonus.get((u["member"], u["indices"][0]), 0.0)
+        return results
+
+    results = honest(lease)
+    results[5]["count"] -= 1  # the third shard's answer is invalid: two of three shards settle
+    assert ledger.on_result("w", lease.lease_id, 0, results, 0.1)["accepted"] == 4
+    assert ledger.progress()["units_done"] == 2 and not ledger.ready_to_close()
+    (redo,) = ledger.dispatch()
+    assert units_of([redo]) == [((0, 1), 5)]
+    ledger.on_result("w", redo.lease_id, 0, honest(redo), 0.1)
     closing = ledger.close()
     assert closing.rewards == [(-16.0 + 3.0) / 8, (-16.0 + 2.0) / 8]
     assert closing.samples == 16
@@ -377,7 +447,8 @@ def test_an_invalid_result_is_dropped_and_its_unit_leased_again(spoil):
     results = results_for(lease)
     spoil(results)
     outcome = ledger.on_result("w", lease.lease_id, 0, results, 0.1)
-    assert outcome["invalid"] >= 1 and ledger.counters["invalid"] == outcome["invalid"]
+    # A unit's entries are dropped together: a spoilt entry takes its pair partner with it.
+    assert outcome["invalid"] in (2, 4) and ledger.counters["invalid"] == outcome["invalid"]
     assert outcome["accepted"] == 4 - outcome["invalid"]
     assert not ledger.ready_to_close()
     again = ledger.dispatch()
@@ -390,7 +461,7 @@ def test_an_invalid_result_is_dropped_and_its_unit_leased_again(spoil):
 def test_a_worker_error_sends_its_units_to_another_worker():
     clock = FakeClock()
     ledger = make_ledger(clock, [("oom", 100.0), ("ok", 100.0)])
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))  # 2 units: one each
     leases = ledger.dispatch()
     bad = next(lease for lease in leases if lease.wid == "oom")
     ledger.on_error("oom", bad.lease_id, 0, "CUDA out of memory")
@@ -416,13 +487,17 @@ def test_a_lone_worker_gets_its_failed_units_back():
 def test_a_nan_result_is_accepted_counted_and_closes_the_iteration():
     clock = FakeClock()
     ledger = make_ledger(clock, [("w", 0.0)])
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))  # 2 units, one per lease
     leases = ledger.dispatch()
-    assert answer(ledger, leases[0], reward=math.nan)["nonfinite"] == 1
-    assert answer(ledger, leases[1], reward=-math.inf)["nonfinite"] == 1
+    assert [units_of([lease])[0][0] for lease in leases] == [(0, 1), (2, 3)]
+    # Counted per member: one non-finite member in each pair.
+    first = answer(ledger, leases[0], reward=lambda m: math.nan if m == 0 else -2.0)
+    assert first["nonfinite"] == 1 and first["accepted"] == 2
+    second = answer(ledger, leases[1], reward=lambda m: -math.inf if m == 3 else -2.0)
+    assert second["nonfinite"] == 1 and second["accepted"] == 2
     assert ledger.counters["nonfinite"] == 2 and ledger.counters["invalid"] == 0
     closing = ledger.close()
-    assert math.isnan(closing.rewards[0]) and closing.rewards[1] == -math.inf
+    assert math.isnan(closing.rewards[0]) and closing.rewards[1:] == [-2.0, -2.0, -math.inf]
 
 
 # -- deadlines follow the work ----------------------------------------------------------------------------------
@@ -434,9 +509,10 @@ def test_a_first_lease_on_a_1b_model_gets_a_deadline_far_longer_than_on_a_tiny_o
         ledger.open(make_plan(members=2, samples=8))
         leases[name] = ledger.dispatch()[0]
     assert leases["tiny"].expires_s == 30.0  # the floor: a tiny model's work is well under it
-    # 8 samples × 256 tokens forward at 2 GFLOP/s, plus one 15-seed commit at 20 M elements/s: minutes.
+    # One pair on 8 samples: 16 samples × 256 tokens forward at 2 GFLOP/s, plus one 15-seed commit at
+    # 20 M elements/s: minutes.
     assert leases["1b"].expires_s > 100 * leases["tiny"].expires_s
-    assert leases["1b"].expires_s == pytest.approx(PAPER_1B.expires_s(8, 0.0, 1, 0.0, 30.0))
+    assert leases["1b"].expires_s == pytest.approx(PAPER_1B.expires_s(16, 0.0, 1, 0.0, 30.0))
 
 
 def test_a_measured_fast_worker_gets_short_deadlines():
@@ -445,13 +521,13 @@ def test_a_measured_fast_worker_gets_short_deadlines():
     ledger.open(make_plan(members=2, samples=8))
     slow_first = ledger.dispatch()
     for lease in slow_first:
-        answer(ledger, lease, eval_s=0.008)  # 8 samples in 8 ms: 1000 samples/s
+        answer(ledger, lease, eval_s=0.016)  # one pair on 8 samples: 16 samples in 16 ms, 1000 samples/s
     ledger.note_update_s("fast", 0.05)
     ledger.report_state("fast", 0, "h0")
     ledger.close()
     ledger.open(make_plan(t=1, members=2, samples=8))
     (lease,) = ledger.dispatch()  # fast and measured: the whole share in one lease
-    expected = 16 / 1000 + 1 * 0.05
+    expected = 16 / 1000 + 1 * 0.05  # one pair on 8 samples, plus one commit
     assert lease.expires_s == pytest.approx(PAPER_1B.slack * expected + PAPER_1B.margin_s)
     assert lease.expires_s < slow_first[0].expires_s / 100
 
@@ -467,9 +543,10 @@ def test_measured_update_times_are_averaged_over_workers():
 
 def test_a_second_lease_allows_for_the_work_queued_ahead_of_it():
     ledger = make_ledger(FakeClock(), [("w", 0.0)], cost=PAPER_1B)
-    ledger.open(make_plan(members=2))
+    ledger.open(make_plan(members=4))  # 2 units of one pair on 8 samples: 16 samples each
     first, second = ledger.dispatch()
-    assert second.expires_s == pytest.approx(PAPER_1B.expires_s(16, 0.0, 1, 0.0, 1.0))
+    assert first.expires_s == pytest.approx(PAPER_1B.expires_s(16, 0.0, 1, 0.0, 1.0))
+    assert second.expires_s == pytest.approx(PAPER_1B.expires_s(32, 0.0, 1, 0.0, 1.0))
     assert second.expires_s > first.expires_s
 
 

@@ -30,6 +30,9 @@ def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequ
     member is finite, every weight and scale is 0, so applying the record changes no weight and no
     optimizer moment. ``record["nonfinite"]`` counts such members; ``record["rewards"]`` keeps the
     values as reported.
+
+    With ``es.weight_decay`` > 0 the record also carries ``decay``: per group the fp32 constant of
+    decoupled weight decay (``decay_constants``).
     """
     fitness, nonfinite = worst_for_nonfinite(rewards)
     n = len(members)
@@ -73,4 +76,21 @@ def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequ
             "inv_bc2": fp32(1.0 / (1.0 - b2 ** t)), "eps": fp32(es.adam_eps),
             "lr_over_bc1": {g: fp32(alpha * ga[g] / (1.0 - b1 ** t)) for g in GROUPS},
         }
+    if es.weight_decay > 0:  # absent otherwise, so records of runs without decay are unchanged
+        record["decay"] = decay_constants(es, alpha, record["scales"])
     return record
+
+
+NOT_DECAYED = ("ln",)
+"""Norm gains are centred on 1, not 0: decaying them towards 0 rescales every activation. Biases are
+not split out: the models this targets (Qwen3) have none."""
+
+
+def decay_constants(es, alpha: float, scales: dict) -> dict:
+    """Per group, the exact fp32 c_g = α_t·α_g·λ of decoupled weight decay θ ← θ − c_g·θ (AdamW's
+    form: with Adam, α_t·α_g is the group's learning rate). A group that takes no step (scale 0: α_g
+    = 0, or an iteration with no finite fitness) is not decayed either, so such a commit still
+    changes nothing."""
+    ga = es.group_alpha.as_dict()
+    return {g: (fp32(alpha * ga[g] * es.weight_decay) if g not in NOT_DECAYED and float(scales[g]) != 0.0 else 0.0)
+            for g in GROUPS}

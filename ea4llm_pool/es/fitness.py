@@ -6,6 +6,9 @@ so a member's subset can be split across workers and recombined exactly (F = ΣR
 
 The log-softmax runs in fp32 over slices of positions, so the full [batch, length, vocab] logits
 tensor of a 150k-vocabulary model never exists at once.
+
+``sample_rewards`` is the built-in fitness "logprob"; ``fitness_sums`` takes any function of the same
+signature (a fitness plugin, see ``ea4llm_pool/fitness_plugins.py``).
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def sample_rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (lp * m).sum(dim=1) / denom
 
 
-def fitness_sums(model, ids: torch.Tensor, mask: torch.Tensor, micro_batch: int) -> tuple[float, int]:
-    """(Σ R, number of samples) over all rows of ``ids``, in micro-batches."""
+def fitness_sums(model, ids: torch.Tensor, mask: torch.Tensor, micro_batch: int,
+                 rewards=sample_rewards) -> tuple[float, int]:
+    """(Σ R, number of samples) over all rows of ``ids``, in micro-batches; ``rewards(model, ids,
+    mask)`` gives R per sample (default: the log-prob fitness)."""
     total = 0.0
     for s in range(0, ids.shape[0], micro_batch):
         mb_ids, mb_mask = ids[s: s + micro_batch], mask[s: s + micro_batch]
@@ -63,6 +68,10 @@ def fitness_sums(model, ids: torch.Tensor, mask: torch.Tensor, micro_batch: int)
         if real.numel():
             width = int(real[-1]) + 1
             mb_ids, mb_mask = mb_ids[:, :width], mb_mask[:, :width]
-        r = sample_rewards(model, mb_ids, mb_mask)
+        r = rewards(model, mb_ids, mb_mask)
+        if not isinstance(r, torch.Tensor) or tuple(r.shape) != (mb_ids.shape[0],):
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"fitness function {getattr(rewards, '__name__', rewards)!r} returned {got}, "
+                             f"expected a tensor of shape ({mb_ids.shape[0]},): one reward per sample")
         total += float(r.double().sum().item())
     return total, int(ids.shape[0])

@@ -11,6 +11,11 @@ different hardware drift apart by the last bit, and then further with every iter
 With optimizer "adam", ĝ = scale·acc feeds Adam (Kingma & Ba) moment updates, each elementwise op
 its own kernel with fp32 scalars fixed by the coordinator, so they are also bit-identical.
 
+A commit with ``decay`` (``es.weight_decay`` > 0) first applies decoupled weight decay, AdamW's form,
+θ ← θ − c_g·θ with the group's fp32 constant c_g = α_t·α_g·λ: one multiply into a buffer, one
+subtract, then the step. Decaying before the step, as AdamW does, takes c_g·θ from the weights the
+members were evaluated at. Decay only touches groups that step (non-zero scale).
+
 This one function serves live training, log replay and resync.
 """
 
@@ -32,18 +37,27 @@ def apply_commit(state: MasterState, commit: dict, noise: NoiseSource) -> None:
     weights = [int(w) for w in commit["weights"]]
     scales = commit["scales"]
     adam = commit.get("adam")
+    decay = commit.get("decay")
     if (adam is not None) != (state.optimizer == "adam"):
         raise ValueError("commit optimizer does not match the replica's optimizer state")
     terms = [(s, w) for s, w in zip(seeds, weights) if w != 0]
     live = [p for p in state.params if float(scales[p.group]) != 0.0]
     small = [p for p in live if p.flat.numel() <= SMALL]
     for group in _packs(small, noise.chunk):
-        _update_pack(state, group, terms, scales, adam, noise)
+        _update_pack(state, group, terms, scales, adam, decay, noise)
     big = [p for p in live if p.flat.numel() > SMALL]
     if big:
-        _update_large(state, big, terms, scales, adam, noise)
+        _update_large(state, big, terms, scales, adam, decay, noise)
     state.step += 1
     state.iteration = int(commit["iteration"])
+
+
+def _decay(theta, c, tt) -> None:
+    """θ −= c·θ in place: a multiply into ``tt``, then a subtract (``c``: an exact fp32, or a tensor
+    of one per element). Only called where c ≠ 0: θ − 0·θ would turn −0.0 into +0.0 and ±inf into
+    NaN, and the packed and per-tensor paths must agree bit for bit."""
+    torch.mul(theta, c, out=tt)
+    theta.sub_(tt)
 
 
 def _step(theta, m, v, gg, tt, adam, lr) -> None:
@@ -67,7 +81,7 @@ def _step(theta, m, v, gg, tt, adam, lr) -> None:
     theta.add_(gg)
 
 
-def _update_large(state, params, terms, scales, adam, noise) -> None:
+def _update_large(state, params, terms, scales, adam, decay, noise) -> None:
     """Tensor by tensor, chunk by chunk (memory stays at a few chunk buffers). The integer
     accumulator may come from a compiled kernel (``noise.compiled``); the float steps below never
     do, see kernels.py."""
@@ -77,9 +91,10 @@ def _update_large(state, params, terms, scales, adam, noise) -> None:
     weights = [w for _, w in terms]
     acc = None if noise.compiled else torch.empty(chunk, dtype=torch.int64, device=dev)
     g = torch.empty(chunk, dtype=torch.float32, device=dev)
-    tmp = torch.empty(chunk, dtype=torch.float32, device=dev) if adam is not None else None
+    tmp = torch.empty(chunk, dtype=torch.float32, device=dev) if adam is not None or decay else None
     for p in params:
         scale = float(scales[p.group])
+        wd = float(decay[p.group]) if decay else 0.0
         n = p.flat.numel()
         for off in range(0, n, chunk):
             k = min(chunk, n - off)
@@ -90,6 +105,8 @@ def _update_large(state, params, terms, scales, adam, noise) -> None:
             m = state.adam_m[p.name][off: off + k] if adam is not None else None
             v = state.adam_v[p.name][off: off + k] if adam is not None else None
             lr = adam["lr_over_bc1"][p.group] if adam is not None else None
+            if wd != 0.0:
+                _decay(p.flat[off: off + k], wd, tmp[:k])
             _step(p.flat[off: off + k], m, v, gg, None if tmp is None else tmp[:k], adam, lr)
 
 
@@ -108,7 +125,20 @@ def _packs(params, limit: int) -> list[list]:
     return out
 
 
-def _update_pack(state, params, terms, scales, adam, noise) -> None:
+def _runs(offsets, sizes, c) -> list[tuple[int, int]]:
+    """[start, end) element ranges of a pack, merging neighbouring tensors whose constant is not 0."""
+    out: list[list[int]] = []
+    for off, k, ci in zip(offsets, sizes, c):
+        if ci == 0.0:
+            continue
+        if out and out[-1][1] == off:
+            out[-1][1] = off + k
+        else:
+            out.append([off, off + k])
+    return [(a, b) for a, b in out]
+
+
+def _update_pack(state, params, terms, scales, adam, decay, noise) -> None:
     """The same arithmetic as ``_update_large``, element for element, on several tensors laid end
     to end: noise from ``q_packed``, per-element fp32 scales, then the results copied back."""
     dev = noise.device
@@ -138,7 +168,13 @@ def _update_pack(state, params, terms, scales, adam, noise) -> None:
         m = torch.cat([state.adam_m[p.name] for p in params])
         v = torch.cat([state.adam_v[p.name] for p in params])
         lr = per_element([float(adam["lr_over_bc1"][p.group]) for p in params])
-    _step(theta, m, v, gg, torch.empty_like(gg), adam, lr)
+    tt = torch.empty_like(gg)
+    c = [float(decay[p.group]) if decay else 0.0 for p in params]
+    if any(ci != 0.0 for ci in c):
+        wd = per_element(c)
+        for a, b in _runs(pack.offsets, [p.flat.numel() for p in params], c):
+            _decay(theta[a:b], wd[a:b], tt[a:b])
+    _step(theta, m, v, gg, tt, adam, lr)
     for p, off in zip(params, pack.offsets):
         k = p.flat.numel()
         p.flat.copy_(theta[off: off + k])
