@@ -134,7 +134,6 @@ class Coordinator:
                 "or an invite)")
         self.linger_s = linger_s  # None: 2 x pool.worker_timeout_s, once the config is known
         self.trust = set(trust)   # key names (or worker names without keys) vouched for from the start
-        self.device = device
         self.log = self._open_log(cfg, resume)
         host, bind_port = bind.rsplit(":", 1)
         bulk_bind = f"{host}:0" if bind_port in ("0", "*") else f"{host}:{int(bind_port) + 1}"

@@ -144,7 +144,6 @@ class _Worker:
 
 @dataclass
 class _Answer:
-    wid: str
     ident: str
     kind: Kind
     values: dict[int, tuple[float, int]]   # member -> (Σ R, count)
@@ -504,7 +503,7 @@ class IterationLedger:
         """File one answer for ``key``: "accepted" (used, or awaiting its check), "duplicate" (the
         unit was settled, or this identity answered it already), or "ignored" (a quarantined worker's)."""
         it, w = self._it, self._workers[wid]
-        ans = _Answer(wid, w.trust_id, w.kind, values, {m: s / c for m, (s, c) in values.items()})
+        ans = _Answer(w.trust_id, w.kind, values, {m: s / c for m, (s, c) in values.items()})
         answers = it.answers.setdefault(key, [])
         if any(a.ident == ans.ident for a in answers):
             return "duplicate"
