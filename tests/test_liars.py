@@ -47,7 +47,9 @@ def _run_with_liar(tmp_path, cfg, lie: str, *coordinator_args):
         for p in (c, *honest, liar):
             p.kill()
     pool = json.loads((out / "pool.json").read_text())
-    rows = {r["name"]: r for r in pool["workers"] + pool["departed"]}
+    # A worker dropped while silent (a loaded machine) and back again has a departed row for its
+    # first session too: the row of its last session, which carries its standing, wins.
+    rows = {r["name"]: r for r in pool["departed"] + pool["workers"]}
     return out, pool, rows, liar_rc, c.text(), liar.text()
 
 
