@@ -28,9 +28,9 @@ class _Section(BaseModel):
 
 class RunCfg(_Section):
     seed: int = Field(0, ge=0, description="master seed: member seeds and data subsets derive from it")
-    iterations: int = Field(900, ge=1, description="ES iterations (one update each)")
-    checkpoint_every: int = Field(300, ge=1, description="iterations between checkpoints")
-    eval_every: int = Field(25, ge=0, description="iterations between held-out evaluations (0 = only at the end)")
+    iterations: int = Field(300, ge=1, description="ES iterations (one update each)")
+    checkpoint_every: int = Field(100, ge=1, description="iterations between checkpoints")
+    eval_every: int = Field(10, ge=0, description="iterations between held-out evaluations (0 = only at the end)")
     eval_samples: int = Field(64, ge=1, description="held-out samples used for the held-out loss")
     max_minutes: float = Field(0.0, ge=0, description="stop after this many minutes of wall-clock (0 = no limit)")
 
@@ -85,19 +85,21 @@ class ScheduleCfg(_Section):
 
 
 class ESCfg(_Section):
-    population: int = Field(16, ge=2, description="members per iteration (N); even when antithetic")
+    population: int = Field(30, ge=2, description="members per iteration (N); even when antithetic")
     sigma: float = Field(0.01, gt=0, description="perturbation scale (parameter units)")
-    alpha: float = Field(0.003, gt=0, description="step size (sgd: parameter units per unit of g_hat; adam: lr)")
-    antithetic: bool = Field(True, description="mirror pairs +eps/-eps from one seed, signed rewards")
-    shaping: Literal["zscore", "rank"] = Field("rank", description="fitness shaping of the (signed) rewards")
+    alpha: float = Field(0.03, gt=0, description="step size (sgd: parameter units per unit of g_hat; adam: lr)")
+    antithetic: bool = Field(False, description="mirror pairs +eps/-eps from one seed, signed rewards")
+    shaping: Literal["zscore", "rank", "centered"] = Field(
+        "zscore", description="fitness shaping of the (signed) rewards: zscore (Eq. 6), rank (Eq. 7) or centered "
+                            "(minus the leave-one-out mean of the others, no division: a fitness baseline)")
     nes_scaling: bool = Field(False, description="divide the step by sigma (NES 1/sigma scaling)")
     noise: Literal["gaussian", "rademacher"] = Field("gaussian", description="perturbation distribution")
-    optimizer: Literal["sgd", "adam"] = Field("adam", description="sgd = the paper's update; adam = Adam on g_hat")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd = the paper's update; adam = Adam on g_hat")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
-    samples_per_iteration: int = Field(16, ge=1, description="M: samples in the iteration's shared subset")
-    micro_batch: int = Field(16, ge=1, description="samples per forward pass")
+    samples_per_iteration: int = Field(32, ge=1, description="M: samples in the iteration's shared subset")
+    micro_batch: int = Field(32, ge=1, description="samples per forward pass")
     group_alpha: GroupMultipliers = Field(default_factory=GroupMultipliers, description="alpha_g per group")
     group_sigma: GroupMultipliers = Field(default_factory=GroupMultipliers, description="sigma_g per group")
     schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
@@ -113,6 +115,9 @@ class ESCfg(_Section):
     weight_decay: float = Field(
         0.0, ge=0, description="decoupled weight decay: theta -= (alpha_t*alpha_g*weight_decay)*theta each "
                                "iteration, before the step; norm gains (group ln) are not decayed; 0 = off")
+    step_scale: Literal["mean", "rms"] = Field(
+        "mean", description="g_hat = (1/N)*sum_j w_j*eps_j (mean, Eq. 8) or (1/sqrt(N))*sum_j (rms: with z-scores "
+                            "the step's RMS per weight is alpha whatever N)")
     fitness: str = Field("logprob", description="per-sample reward: 'logprob' (the paper's) or the name of a plugin "
                          "registered in the 'ea4llm_pool.fitness' entry-point group (docs/fitness-plugins.md)")
 
@@ -186,7 +191,7 @@ class PoolCfg(_Section):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
-_LATE_ES = {"weight_decay": 0.0, "fitness": "logprob"}
+_LATE_ES = {"weight_decay": 0.0, "fitness": "logprob", "step_scale": "mean"}
 
 
 class Config(_Section):

@@ -16,7 +16,10 @@ import yaml
 POOL_CONFIG = {
     "run": {"seed": 3, "iterations": 12, "checkpoint_every": 4, "eval_every": 4, "eval_samples": 8},
     "data": {"seq_len": 32},
-    "es": {"population": 8, "samples_per_iteration": 16, "micro_batch": 16},
+    # Antithetic pairs with rank shaping and Adam: the pool's units are pairs, and the liar tests bias
+    # one sign of each pair.
+    "es": {"population": 8, "samples_per_iteration": 16, "micro_batch": 16, "antithetic": True, "shaping": "rank",
+           "optimizer": "adam", "alpha": 0.003},
     "runtime": {"threads": 1},
     "pool": {"heartbeat_s": 0.5, "worker_timeout_s": 3.0, "lease_s": 4.0},
 }

@@ -17,7 +17,7 @@ from ea4llm_pool.es.groups import GROUPS, group_of
 from ea4llm_pool.es.noise import NoiseSource
 from ea4llm_pool.es.population import Member, member_seed, population
 from ea4llm_pool.es.schedule import alpha_at, sigma_at, step_decay
-from ea4llm_pool.es.shaping import ZSCORE_BITS, rank_weights, shape, zscore_weights
+from ea4llm_pool.es.shaping import ZSCORE_BITS, centered_weights, rank_weights, shape, zscore_weights
 from ea4llm_pool.es.state import MasterState
 from ea4llm_pool.es.statehash import state_hash
 from ea4llm_pool.es.update import apply_commit
@@ -27,8 +27,13 @@ def f32(x: float) -> float:
     return float(np.float32(x))
 
 
+# The ES settings these tests start from (antithetic pairs, ranks, Adam: configs/antithetic-adam.yaml);
+# each test overrides what it is about.
+BASE_ES = ["es.antithetic=true", "es.shaping=rank", "es.optimizer=adam", "es.alpha=0.003", "es.population=16"]
+
+
 def es_cfg(*overrides):
-    return load(overrides=list(overrides)).es
+    return load(overrides=[*BASE_ES, *overrides]).es
 
 
 def tiny_qwen3(tied: bool = True, seed: int = 0) -> Qwen3ForCausalLM:
@@ -87,6 +92,34 @@ def test_shaping_rejects_non_finite_rewards_and_dispatches_by_name():
         shape([0.0, float("nan")], "rank")
     assert shape([1.0, 0.0], "rank") == rank_weights([1.0, 0.0])
     assert shape([1.0, 0.0], "zscore") == zscore_weights([1.0, 0.0])
+
+
+def test_centered_weights_are_the_reward_minus_the_leave_one_out_mean_quantised_to_2_pow_minus_20():
+    rng = np.random.default_rng(1)
+    for n in (2, 5, 30):
+        rewards = (rng.standard_normal(n) * 0.01 - 6.9).tolist()
+        w, scale = centered_weights(rewards)
+        assert scale == 2.0 ** -20
+        for j, (wi, r) in enumerate(zip(w, rewards)):
+            others = (sum(rewards) - r) / (n - 1)
+            assert isinstance(wi, int) and abs(wi * scale - (r - others)) <= 2.0 ** -21 + 1e-12
+    # No division by the spread: ten times the differences, ten times the weights (unlike z-scores).
+    small, _ = centered_weights([-6.90, -6.91, -6.93])
+    big, _ = centered_weights([-6.9, -7.0, -7.2])
+    assert big == pytest.approx([10 * x for x in small], rel=1e-4)
+    assert zscore_weights([-6.90, -6.91, -6.93])[0] == pytest.approx(zscore_weights([-6.9, -7.0, -7.2])[0], rel=1e-4)
+    assert centered_weights([-2.5] * 4)[0] == [0] * 4
+
+
+def test_centered_weights_of_huge_fitness_differences_keep_fewer_bits_and_cannot_overflow_int64():
+    n = 1024
+    rewards = [1e12 * (j % 2) for j in range(n)]
+    w, scale = centered_weights(rewards)
+    assert scale > 2.0 ** -20 and math.log2(scale) == int(math.log2(scale))  # an exact power of two
+    assert max(abs(x) for x in w) * n * 2 ** 24 < 2 ** 63
+    assert [x * scale for x in w[:2]] == pytest.approx([-1e12 * n / (n - 1) / 2, 1e12 * n / (n - 1) / 2], rel=1e-6)
+    with pytest.raises(ValueError):
+        centered_weights([1.0])
 
 
 # ================================================================================== schedules
@@ -237,6 +270,30 @@ def test_sgd_scales_are_fp32_of_alpha_alpha_g_w_scale_over_n_s_times_2_pow_minus
     assert (rec["alpha"], rec["sigma"], rec["iteration"]) == (alpha, sigma, 4)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_rms_step_scale_divides_the_sum_by_root_n_instead_of_n(optimizer):
+    members = population(0, 0, 16, antithetic=True)
+    rewards = [math.cos(j) for j in range(16)]
+    mean = close_iteration(es_cfg(f"es.optimizer={optimizer}"), 0, members, rewards, 1e-3, 1e-2, 0)
+    rms = close_iteration(es_cfg(f"es.optimizer={optimizer}", "es.step_scale=rms"), 0, members, rewards, 1e-3, 1e-2, 0)
+    assert rms["weights"] == mean["weights"]
+    for g in GROUPS:
+        assert rms["scales"][g] == pytest.approx(mean["scales"][g] * 4.0, rel=1e-6)  # N / √N = 4
+
+
+def test_under_rms_step_scale_a_zscore_step_moves_each_weight_by_about_alpha_whatever_n():
+    model = tiny_qwen3()
+    for n in (8, 32):
+        state = MasterState.from_named(model.named_parameters())
+        before = torch.cat([p.flat.clone() for p in state.params])
+        es = es_cfg("es.optimizer=sgd", "es.shaping=zscore", "es.antithetic=false", "es.step_scale=rms")
+        rewards = [math.sin(2.3 * j) for j in range(n)]
+        apply_commit(state, close_iteration(es, 0, population(3, 0, n, False), rewards, 0.01, 0.01, 0),
+                     NoiseSource(chunk=1 << 10))
+        step = torch.cat([p.flat for p in state.params]) - before
+        assert float(step.pow(2).mean().sqrt()) == pytest.approx(0.01, rel=0.05)
+
+
 def test_nes_scaling_divides_the_step_by_sigma():
     members = population(0, 0, 8, antithetic=True)
     rewards = [0.5, 0.1, -0.3, 0.2, 0.9, -0.9, 0.0, 0.4]
@@ -342,7 +399,7 @@ def _reference_update(state0: dict[str, torch.Tensor], groups: dict[str, str], t
     return out
 
 
-@pytest.mark.parametrize("shaping,nes", [("rank", False), ("zscore", False), ("rank", True)])
+@pytest.mark.parametrize("shaping,nes", [("rank", False), ("zscore", False), ("rank", True), ("centered", True)])
 def test_applying_a_commit_equals_the_float64_es_update_within_fp32_rounding(shaping, nes):
     es = es_cfg("es.optimizer=sgd", f"es.shaping={shaping}", f"es.nes_scaling={str(nes).lower()}",
                 "es.group_alpha.emb=0.5", "es.group_alpha.attn=2.0", "es.group_alpha.ln=0.0")
@@ -359,10 +416,12 @@ def test_applying_a_commit_equals_the_float64_es_update_within_fp32_rounding(sha
     if shaping == "rank":
         w_int, c = rank_weights(signed)
         paper_w = [wi * c for wi in w_int]  # exact: the integer weights lose nothing
-    else:
+    elif shaping == "zscore":
         mu = sum(signed) / n
         sd = math.sqrt(sum((r - mu) ** 2 for r in signed) / n)
         paper_w = [(r - mu) / (sd + 1e-8) for r in signed]
+    else:
+        paper_w = [r - (sum(signed) - r) / (n - 1) for r in signed]
     # Shaped weights belong to the *signed* rewards s_j·r_j and multiply the base noise ε_b of the
     # member's seed (paper Eq. 10 + the implementation note beneath it), so the reference uses +ε_b.
     base_members = [Member(m.member, m.seed, +1) for m in members]
@@ -374,10 +433,10 @@ def test_applying_a_commit_equals_the_float64_es_update_within_fp32_rounding(sha
         err = (p.flat.double() - ref[p.name]).abs()
         # add rounding (½ ulp of θ) + the update's own fp32 roundings (acc→fp32, scale, product)
         tol = ref[p.name].abs() * 2.0 ** -24 + upd.abs() * 2.0 ** -21 + 1e-30
-        if shaping == "zscore":  # weights quantised to 2^-20: ≤ 2^-21 per member
+        if shaping in ("zscore", "centered"):  # weights quantised to 2^-20: ≤ 2^-21 per member
             eps_abs = sum(NoiseSource().eps(m.seed, p.tid, 0, p.flat.numel()).double().abs()
                           for m in base_members)
-            tol = tol + alpha * ga[p.group] / n * 2.0 ** -21 * eps_abs
+            tol = tol + alpha * ga[p.group] / (n * (sigma if nes else 1.0)) * 2.0 ** -21 * eps_abs
         assert bool((err <= tol).all()), (p.name, float((err - tol).max()))
         if ga[p.group] == 0.0:
             assert torch.equal(p.flat, before[p.name])

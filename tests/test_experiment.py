@@ -28,8 +28,8 @@ REDUCED = {
     "parallel": 3,  # all at once: most of a method's time is importing torch and building the model
     "base": {"set": ["data.max_lines=400", "run.eval_samples=8"]},
     "methods": {
-        "default": {"kind": "es", "about": "embedded default, smaller population", "set": ["es.population=4", "es.samples_per_iteration=4"]},
-        "paired": {"kind": "es", "set": ["es.population=4", "es.samples_per_iteration=4", "es.pairing=paired", "es.alpha_warmup=1",
+        "default": {"kind": "es", "about": "embedded default, smaller population", "set": ["es.population=4", "es.samples_per_iteration=4", "es.micro_batch=4"]},
+        "paired": {"kind": "es", "set": ["es.population=4", "es.samples_per_iteration=4", "es.antithetic=true", "es.pairing=paired", "es.alpha_warmup=1",
                                          "es.alpha_decay=cosine", "es.alpha_decay_end={iterations}"]},
         "adamw": {"kind": "adamw", "lr": 0.003, "batch": 4},
         "mezo": {"kind": "mezo", "lr": 0.001, "batch": 4},

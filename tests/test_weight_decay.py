@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from ea4llm_pool import UserError
-from ea4llm_pool.config import Config, load
+from ea4llm_pool.config import load
 from ea4llm_pool.es import kernels, update
 from ea4llm_pool.es.commit import close_iteration
 from ea4llm_pool.es.noise import NoiseSource, tensor_id
@@ -36,8 +37,15 @@ SHAPES = {
 }
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# The ES settings these tests start from (antithetic pairs, ranks, Adam: configs/antithetic-adam.yaml);
+# each test overrides what it is about.
+BASE_ES = ["es.antithetic=true", "es.shaping=rank", "es.optimizer=adam", "es.alpha=0.003", "es.population=16"]
+
+
 def es_cfg(*overrides):
-    return load(overrides=list(overrides)).es
+    return load(overrides=[*BASE_ES, *overrides]).es
 
 
 def _master(optimizer: str) -> MasterState:
@@ -88,11 +96,14 @@ def test_records_without_weight_decay_carry_no_decay_key(optimizer):
 
 def test_the_default_config_hash_is_the_one_from_before_the_new_keys():
     """Existing runs keep their config hash (run id, worker check): new keys at their defaults stay
-    out of it. a2221c1c2e42faae is the embedded default's hash before weight_decay and fitness existed."""
-    assert Config().config_hash() == "a2221c1c2e42faae"
-    assert load(overrides=["es.weight_decay=0.0", "es.fitness=logprob"]).config_hash() == "a2221c1c2e42faae"
-    assert load(overrides=["es.weight_decay=0.01"]).config_hash() != "a2221c1c2e42faae"
-    assert load(overrides=["es.fitness=token-accuracy"]).config_hash() != "a2221c1c2e42faae"
+    out of it. a2221c1c2e42faae is the hash of configs/antithetic-adam.yaml's settings (the embedded
+    default of that time) from before weight_decay, fitness and step_scale existed."""
+    old = load(CONFIGS / "antithetic-adam.yaml", overrides=["run.iterations=900"])
+    assert old.config_hash() == "a2221c1c2e42faae"
+    assert load(CONFIGS / "antithetic-adam.yaml", overrides=["es.weight_decay=0.0", "es.fitness=logprob",
+                                                             "es.step_scale=mean"]).config_hash() == "a2221c1c2e42faae"
+    for changed in ("es.weight_decay=0.01", "es.fitness=token-accuracy", "es.step_scale=rms"):
+        assert load(CONFIGS / "antithetic-adam.yaml", overrides=[changed]).config_hash() != "a2221c1c2e42faae"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -6,6 +6,7 @@ update (``update.apply_commit``) and everything the run log keeps.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -49,8 +50,11 @@ def close_iteration(es, iteration: int, members: Sequence[Member], rewards: Sequ
     for m, w in zip(members, w_int):
         per_seed[m.seed] = per_seed.get(m.seed, 0) + w
     s = sigma if es.nes_scaling else 1.0
-    # ĝ_g per unit of int64 accumulator: (1/N) · w_scale · 2^-16, divided by s (Eq. 14).
-    ghat = w_scale / n / s / float(1 << FRAC_BITS)
+    # ĝ_g per unit of int64 accumulator: (1/N) · w_scale · 2^-16, divided by s (Eq. 14). With
+    # step_scale "rms" the sum is divided by √N instead: z-score weights have Σ w_j² = N, so the
+    # step's RMS per weight is α whatever N, and a larger population sharpens the direction
+    # without shrinking the step.
+    ghat = w_scale / (n if es.step_scale == "mean" else math.sqrt(n)) / s / float(1 << FRAC_BITS)
     record = {
         "iteration": iteration,
         "alpha": alpha,

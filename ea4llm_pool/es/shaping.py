@@ -5,8 +5,12 @@ scale, so every replica accumulates the same update bits whatever its device (do
 
 * ``rank``: w_j = 2·rank_j/(N−1) − 1 = W_j / (N−1) with the integer W_j = 2·rank_j − (N−1).
 * ``zscore``: w_j = (r_j − μ)/(σ_r + 1e-8), quantised to W_j = round(w_j · 2^20), scale 2^-20.
+* ``centered``: w_j = r_j − μ₋ⱼ, the reward minus the mean of the *other* members' rewards (a
+  leave-one-out baseline, so the estimate stays unbiased), = N/(N−1)·(r_j − μ). No division by a
+  spread: the step follows the size of the fitness differences, as a gradient does. Quantised to
+  W_j = round(w_j · 2^b), scale 2^-b, with b = 20 unless the largest weight needs fewer bits.
 
-Both functions take the rewards (already signed for antithetic pairs) and return (W, scale), so they
+Each function takes the rewards (already signed for antithetic pairs) and return (W, scale), so they
 swap. Ties in ``rank`` are broken by member index, so the result is a pure function of the input.
 """
 
@@ -39,7 +43,23 @@ def zscore_weights(rewards: Sequence[float]) -> tuple[list[int], float]:
     return [int(round((r - mu) / (sd + 1e-8) * q)) for r in rewards], 1.0 / q
 
 
-SHAPERS = {"rank": rank_weights, "zscore": zscore_weights}
+def centered_weights(rewards: Sequence[float]) -> tuple[list[int], float]:
+    n = len(rewards)
+    if n < 2:
+        raise ValueError("centered shaping needs at least two rewards")
+    mu = math.fsum(rewards) / n
+    w = [(r - mu) * n / (n - 1) for r in rewards]
+    top = max(abs(x) for x in w)
+    bits = ZSCORE_BITS
+    if top > 0:
+        # Σ_j W_j·Q_j must stay inside int64 whatever the noise (|Q| < 2^24): |W| < 2^(39 − ⌈log2 N⌉).
+        # Large fitness differences (a plugin's task reward) get fewer fraction bits; 2^-b stays exact.
+        bits = min(ZSCORE_BITS, 38 - (n - 1).bit_length() - math.frexp(top)[1])
+    q = math.ldexp(1.0, bits)
+    return [int(round(x * q)) for x in w], math.ldexp(1.0, -bits)
+
+
+SHAPERS = {"rank": rank_weights, "zscore": zscore_weights, "centered": centered_weights}
 
 
 def worst_for_nonfinite(fitness: Sequence[float]) -> tuple[list[float], int]:
