@@ -25,6 +25,7 @@ from ea4llm_pool.es.population import population
 from ea4llm_pool.es.state import MasterState
 from ea4llm_pool.es.statehash import state_hash
 from ea4llm_pool.es.update import apply_commit
+from test_core_es import es_cfg  # the ES settings the core tests start from
 
 # One tensor above update.SMALL (the chunked per-tensor path) and small ones of every group (packed).
 SHAPES = {
@@ -39,13 +40,6 @@ SHAPES = {
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# The ES settings these tests start from (antithetic pairs, ranks, Adam: configs/antithetic-adam.yaml);
-# each test overrides what it is about.
-BASE_ES = ["es.antithetic=true", "es.shaping=rank", "es.optimizer=adam", "es.alpha=0.003", "es.population=16"]
-
-
-def es_cfg(*overrides):
-    return load(overrides=[*BASE_ES, *overrides]).es
 
 
 def _master(optimizer: str) -> MasterState:

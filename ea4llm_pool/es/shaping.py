@@ -10,8 +10,8 @@ scale, so every replica accumulates the same update bits whatever its device (do
   spread: the step follows the size of the fitness differences, as a gradient does. Quantised to
   W_j = round(w_j · 2^b), scale 2^-b, with b = 20 unless the largest weight needs fewer bits.
 
-Each function takes the rewards (already signed for antithetic pairs) and return (W, scale), so they
-swap. Ties in ``rank`` are broken by member index, so the result is a pure function of the input.
+Each function takes the rewards (already signed for antithetic pairs) and returns (W, scale), so
+they swap. Ties in ``rank`` are broken by member index, so the result is a pure function of the input.
 """
 
 from __future__ import annotations
