@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ea4llm_pool import UserError, quiet_transformers  # noqa: E402
+from entry import parser, run_main  # noqa: E402
+from ea4llm_pool import UserError  # noqa: E402
 from ea4llm_pool.checkpoint import list_checkpoints, load_master_into, load_model_skeleton, read_meta  # noqa: E402
 from ea4llm_pool.config import load as load_config  # noqa: E402
 from ea4llm_pool.data import SampleSet  # noqa: E402
@@ -196,9 +197,7 @@ def report_signal(per_state: list[tuple[int, dict, list[int]]], ks: list[int]) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[4:]))
+    ap = parser(__doc__)
     ap.add_argument("--config", help="run config YAML (default: the embedded default)")
     ap.add_argument("--preset", choices=["tiny", "small", "paper-1b"], help="model.preset (default: the config's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -210,15 +209,10 @@ def main() -> None:
                     help="in-process commits before the second state (0: the initial state only; "
                          "ignored with --run)")
     ap.add_argument("--run", help="read an existing run directory instead of making one")
-    args = ap.parse_args()
-    try:
-        run_bench(args)
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_main(ap, run_bench)
 
 
 def run_bench(args) -> None:
-    quiet_transformers()
     if args.units < 1 or args.commits < 0:
         raise UserError("--units must be >= 1 and --commits >= 0")
     t_start = time.perf_counter()

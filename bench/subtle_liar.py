@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ea4llm_pool import UserError, quiet_transformers  # noqa: E402
+from entry import parser, run_main  # noqa: E402
+from ea4llm_pool import UserError  # noqa: E402
 from ea4llm_pool.checkpoint import list_checkpoints, load_master_into, load_model_skeleton, read_meta  # noqa: E402
 from ea4llm_pool.config import load as load_config  # noqa: E402
 from ea4llm_pool.es.commit import close_iteration  # noqa: E402
@@ -133,9 +134,7 @@ def plain_hash(config, overrides: list[str], out: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[4:]))
+    ap = parser(__doc__)
     ap.add_argument("--config", help="run config YAML (default: the embedded default)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, repeatable (e.g. es.sigma=0.02)")
@@ -149,15 +148,10 @@ def main() -> None:
     ap.add_argument("--liar-seed", type=int, default=0, help="seed of the choice of lying pairs")
     ap.add_argument("--check-plain", action="store_true",
                     help="also run `ea4llm-pool train --workers 0` and compare its final state hash with the clean run's")
-    args = ap.parse_args()
-    try:
-        run_bench(args)
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_main(ap, run_bench)
 
 
 def run_bench(args) -> None:
-    quiet_transformers()
     if args.iterations < 1 or args.eval_every < 1:
         raise UserError("--iterations and --eval-every must be >= 1")
     if not 0 < args.share <= 1:
