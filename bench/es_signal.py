@@ -1,7 +1,7 @@
 """How much of the gradient one ES iteration can see, measured at a run's checkpoints.
 
     python bench/es_signal.py --run DIR [--steps 0,300] [--samples 8,16,32,64,128] [--repeats 6]
-                              [--reference 1024] [--members 30] [--sigma S] [--curvature-samples 128]
+                              [--reference 1024] [--members 30] [--sigma S[,S…]] [--curvature-samples 128]
                               [--hutchinson 8] [--seed 0]
 
 With members sharing the iteration's M samples, ES estimates the gradient of *those samples* from
@@ -82,6 +82,16 @@ def gradient(model, params, train: SampleSet, idx: list[int]) -> torch.Tensor:
             grads = torch.autograd.grad(mean_fitness(model, ids.long(), mask.long()), params)
         total += torch.cat([g.reshape(-1) for g in grads]) * (len(part) / len(idx))
     return total
+
+
+def positive_floats(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not out or not all(x > 0 for x in out):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got '{text}'")
+    return out
 
 
 def fit_m0(ms: list[int], cos: list[float], reference: int) -> float:
@@ -201,13 +211,16 @@ def measure(ckpt: Path, step: int, cfg, train: SampleSet, args) -> None:
     curvature(model, params, train, pool[:args.curvature_samples], g_ref, args.hutchinson, gen)
     for p in params:
         p.requires_grad_(False)
-    rho_plain, rho_anti = correlations(model, params, cfg.es, train, grad_at_m[1], grad_at_m[0],
-                                       args.members, args.sigma or cfg.es.sigma, gen)
-    verdict = "pay" if rho_anti ** 2 > 2 * rho_plain ** 2 else "do not pay"
-    print(f"σ = {args.sigma or cfg.es.sigma:g}, {args.members} members on M = {m_run} samples: "
-          f"ρ plain = {rho_plain:.3f}, ρ antithetic = {rho_anti:.3f} → antithetic pairs {verdict} here "
-          f"(ρ_a² = {rho_anti ** 2:.2f} against 2·ρ_p² = {2 * rho_plain ** 2:.2f}); "
-          f"{time.perf_counter() - t0:.0f} s")
+    for sigma in args.sigma or [cfg.es.sigma]:
+        # the same directions for every σ, so the values compare σ and not the draws
+        draws = torch.Generator().manual_seed(args.seed + step + 1)
+        rho_plain, rho_anti = correlations(model, params, cfg.es, train, grad_at_m[1], grad_at_m[0],
+                                           args.members, sigma, draws)
+        verdict = "pay" if rho_anti ** 2 > 2 * rho_plain ** 2 else "do not pay"
+        print(f"σ = {sigma:g}, {args.members} members on M = {m_run} samples: "
+              f"ρ plain = {rho_plain:.3f}, ρ antithetic = {rho_anti:.3f} → antithetic pairs {verdict} here "
+              f"(ρ_a² = {rho_anti ** 2:.2f} against 2·ρ_p² = {2 * rho_plain ** 2:.2f})")
+    print(f"{time.perf_counter() - t0:.0f} s")
 
 
 def main() -> None:
@@ -220,7 +233,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="batches drawn per size")
     ap.add_argument("--reference", type=int, default=1024, help="samples in the reference gradient")
     ap.add_argument("--members", type=int, default=30, help="members (and pairs) for ρ")
-    ap.add_argument("--sigma", type=float, default=None, help="σ for ρ (default: the run's es.sigma)")
+    ap.add_argument("--sigma", type=positive_floats, default=None, metavar="S[,S…]",
+                    help="σ values for ρ, same directions for each (default: the run's es.sigma)")
     ap.add_argument("--curvature-samples", type=int, default=128, help="samples of the curvature estimate")
     ap.add_argument("--hutchinson", type=int, default=8, help="Hessian-vector products per curvature estimate")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draws")
@@ -233,8 +247,6 @@ def run_bench(args) -> None:
             or args.members < 3:
         raise UserError("--repeats, --reference, --curvature-samples, --hutchinson and --samples must be >= 1, "
                         "--members >= 3")
-    if args.sigma is not None and not args.sigma > 0:
-        raise UserError("--sigma must be > 0")
     root = Path(args.run)
     if not (root / "config.yaml").is_file():
         raise UserError(f"--run: {root} holds no run (no config.yaml)")
