@@ -20,7 +20,6 @@ often: ``--set run.checkpoint_every=10``) and prints the held-out loss (the run'
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from entry import parser, run_main  # noqa: E402
+from entry import number_list, parser, run_main  # noqa: E402
 from ea4llm_pool import UserError  # noqa: E402
 from ea4llm_pool.checkpoint import list_checkpoints, load_model_skeleton, weight_tensors  # noqa: E402
 from ea4llm_pool.config import load as load_config  # noqa: E402
@@ -37,24 +36,14 @@ from ea4llm_pool.es.fitness import fitness_sums  # noqa: E402
 from ea4llm_pool.es.groups import GROUPS, group_of  # noqa: E402
 
 
-def floats(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return out
-
-
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--run", required=True, help="run directory")
     ap.add_argument("--at", type=int, default=None, help="checkpoint step to compare against (default: the last)")
-    ap.add_argument("--last", type=floats, default=[2, 4, 8, 16], help="K for the uniform means of the last K checkpoints")
-    ap.add_argument("--ema", type=floats, default=[0.5, 0.8, 0.9], help="EMA decays β per checkpoint")
-    ap.add_argument("--along", type=floats, default=[1, 2, 5], help="checkpoints back that set the line's direction")
-    ap.add_argument("--scales", type=floats, default=[-1, -0.5, 0.5, 1, 2], help="steps s along the line")
+    ap.add_argument("--last", type=number_list(int, 2, what="integers"), default=[2, 4, 8, 16], help="K for the uniform means of the last K checkpoints")
+    ap.add_argument("--ema", type=number_list(float), default=[0.5, 0.8, 0.9], help="EMA decays β per checkpoint")
+    ap.add_argument("--along", type=number_list(int, 1, what="integers"), default=[1, 2, 5], help="checkpoints back that set the line's direction")
+    ap.add_argument("--scales", type=number_list(float), default=[-1, -0.5, 0.5, 1, 2], help="steps s along the line")
     run_main(ap, run_bench)
 
 
@@ -87,8 +76,8 @@ def run_bench(args) -> None:
     theta = states[-1]
     print(f"run {root}: {len(upto)} checkpoints up to step {at}; held-out on {ids.shape[0]} windows")
     print(f"checkpoint {at}: {loss(theta):.4f}")
-    for k in (int(k) for k in args.last):
-        if 2 <= k <= len(states):
+    for k in args.last:
+        if k <= len(states):
             mean = {n: sum(s[n] for s in states[-k:]) / k for n in theta}
             print(f"mean of the last {k} checkpoints (steps {upto[-k][0]}–{at}): {loss(mean):.4f}")
     for beta in args.ema:
@@ -98,7 +87,7 @@ def run_bench(args) -> None:
                 ema[n] = beta * ema[n] + (1 - beta) * s[n]
         print(f"EMA β={beta:g} per checkpoint: {loss(ema):.4f}")
     base = loss(theta)
-    for back in (int(b) for b in args.along):
+    for back in args.along:
         if back < len(states):
             prev = states[-1 - back]
             moves = []

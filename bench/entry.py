@@ -24,3 +24,18 @@ def run_main(ap: argparse.ArgumentParser, body) -> None:
         body(args)
     except UserError as err:
         sys.exit(f"error: {err}")
+
+
+def number_list(cast, low=None, strict: bool = False, what: str = "numbers"):
+    """An argparse ``type``: comma-separated values of ``cast``, each >= ``low`` (> with ``strict``)."""
+    def parse(text: str) -> list:
+        try:
+            out = [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got '{text}'") from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"expected at least one of the {what}, got '{text}'")
+        if low is not None and not all(x > low if strict else x >= low for x in out):
+            raise argparse.ArgumentTypeError(f"expected {what} {'>' if strict else '>='} {low}, got '{text}'")
+        return out
+    return parse

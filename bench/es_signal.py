@@ -32,7 +32,6 @@ noise: the statistics, not the bits, are what is measured. The fitness is the ru
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from entry import parser, run_main  # noqa: E402
+from entry import number_list, parser, run_main  # noqa: E402
 from ea4llm_pool import UserError  # noqa: E402
 from ea4llm_pool.checkpoint import list_checkpoints  # noqa: E402
 from ea4llm_pool.config import load as load_config  # noqa: E402
@@ -52,16 +51,6 @@ from ea4llm_pool.es.fitness import sample_rewards  # noqa: E402
 from ea4llm_pool.es.groups import GROUPS, group_of  # noqa: E402
 
 CHUNK = 128  # samples per backward pass
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got '{text}'")
-    return out
 
 
 def mean_fitness(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,16 +71,6 @@ def gradient(model, params, train: SampleSet, idx: list[int]) -> torch.Tensor:
             grads = torch.autograd.grad(mean_fitness(model, ids.long(), mask.long()), params)
         total += torch.cat([g.reshape(-1) for g in grads]) * (len(part) / len(idx))
     return total
-
-
-def positive_floats(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-    if not out or not all(x > 0 for x in out):
-        raise argparse.ArgumentTypeError(f"expected numbers > 0, got '{text}'")
-    return out
 
 
 def fit_m0(ms: list[int], cos: list[float], reference: int) -> float:
@@ -226,14 +205,14 @@ def measure(ckpt: Path, step: int, cfg, train: SampleSet, args) -> None:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--run", required=True, help="run directory (its config, data and checkpoints are read)")
-    ap.add_argument("--steps", type=int_list, default=None, metavar="S[,S…]",
+    ap.add_argument("--steps", type=number_list(int, 0, what="integers"), default=None, metavar="S[,S…]",
                     help="checkpoint steps to measure (default: the first and the last)")
-    ap.add_argument("--samples", type=int_list, default=[8, 16, 32, 64, 128], metavar="M[,M…]",
+    ap.add_argument("--samples", type=number_list(int, 1, what="integers"), default=[8, 16, 32, 64, 128], metavar="M[,M…]",
                     help="batch sizes whose gradient is compared with the reference")
     ap.add_argument("--repeats", type=int, default=6, help="batches drawn per size")
     ap.add_argument("--reference", type=int, default=1024, help="samples in the reference gradient")
     ap.add_argument("--members", type=int, default=30, help="members (and pairs) for ρ")
-    ap.add_argument("--sigma", type=positive_floats, default=None, metavar="S[,S…]",
+    ap.add_argument("--sigma", type=number_list(float, 0, strict=True), default=None, metavar="S[,S…]",
                     help="σ values for ρ, same directions for each (default: the run's es.sigma)")
     ap.add_argument("--curvature-samples", type=int, default=128, help="samples of the curvature estimate")
     ap.add_argument("--hutchinson", type=int, default=8, help="Hessian-vector products per curvature estimate")
